@@ -1,0 +1,123 @@
+"""Factored LoRA: run an unmodified Linen model with ``y = base(x) + s · dropout(x) · A · B``.
+
+`nn.intercept_methods` wraps every Dense / DenseGeneral / Einsum call whose scope holds
+``lora_a`` / ``lora_b``: the layer computes its own output from its kernel, and the
+interceptor adds the low-rank branch, contracting x with A first and then with B, so the
+kernel-sized ΔW is never built. It works inside `jax.jit` and `nn.scan` (which slices
+stacked adapters along with their kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jlora.config import LoraConfig
+from jlora.spec import ADAPTABLE, einsum_axes
+from jlora.tree import LORA_A, LORA_B, PyTree, adapted_modules, path_str
+
+
+def lora_branch(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array, einsum_str: str | None = None):
+    """``x · A · B`` for `module`'s contraction of x, in its compute dtype, accumulated in f32."""
+    x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
+    n_in = a.ndim - 1
+    if isinstance(module, nn.Einsum):
+        x_sub, k_sub, out_sub, is_in = einsum_axes(einsum_str or module.einsum_str)
+        ins = "".join(c for c, i in zip(k_sub, is_in) if i)
+        outs = "".join(c for c, i in zip(k_sub, is_in) if not i)
+        rank = next(c for c in "rRzZqQ" if c not in x_sub + k_sub + out_sub)
+        mid = "".join(c for c in x_sub if c not in ins) + rank
+        h = jnp.einsum(f"{x_sub},{ins}{rank}->{mid}", x, a, preferred_element_type=jnp.float32)
+        return jnp.einsum(f"{mid},{rank}{outs}->{out_sub}", h.astype(b.dtype), b, preferred_element_type=jnp.float32)
+    axes = (-1,) if isinstance(module, nn.Dense) else module.axis
+    axes = tuple(ax % x.ndim for ax in (axes if isinstance(axes, tuple | list) else (axes,)))
+    h = lax.dot_general(x, a, ((axes, tuple(range(n_in))), ((), ())), preferred_element_type=jnp.float32)
+    return lax.dot_general(h.astype(b.dtype), b, (((h.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+@contextlib.contextmanager
+def intercept(config: LoraConfig, *, deterministic: bool = True) -> Iterator[set[str]]:
+    """Within this context, `model.apply` computes adapted layers factored.
+
+    Yields the set of module paths whose adapters were applied, filled as the model runs;
+    use it with your own ``model.apply`` calls, or call `apply`, which checks it.
+    """
+    applied: set[str] = set()
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if (
+            context.method_name != "__call__"
+            or not isinstance(module, ADAPTABLE)
+            or not module.has_variable("params", LORA_A)
+        ):
+            return next_fun(*args, **kwargs)
+        y = next_fun(*args, **kwargs)
+        x = args[0] if args else kwargs["inputs"]
+        einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+        a, b = module.get_variable("params", LORA_A), module.get_variable("params", LORA_B)
+        path = "/".join(module.path)
+        if not deterministic and config.dropout > 0:
+            x = _dropout(module, x, config.dropout)
+        delta = lora_branch(module, x, a, b, einsum_str)
+        applied.add(path)
+        return y + (config.scale(path, a.shape[-1]) * delta).astype(y.dtype)
+
+    with nn.intercept_methods(interceptor):
+        yield applied
+
+
+def apply(
+    model: nn.Module,
+    params: PyTree,
+    config: LoraConfig,
+    *args,
+    rngs: dict[str, jax.Array] | None = None,
+    deterministic: bool = True,
+    variables: dict[str, PyTree] | None = None,
+    **kwargs,
+) -> Any:
+    """`model.apply` with the adapters in `params` applied factored.
+
+    Args:
+      model: an unmodified Linen module.
+      params: its ``params`` collection with adapters (from `init`, or `join`).
+      config: the config the adapters were made with (for scales and dropout).
+      rngs: PRNG keys; LoRA dropout draws from ``rngs['dropout']``.
+      deterministic: False turns LoRA dropout on. It is also passed to the model when its
+        method takes a ``deterministic`` argument, so one flag drives all dropout.
+      variables: other collections (e.g. ``batch_stats``).
+      kwargs: passed to `model.apply` (``method``, ``mutable``, the model's own arguments).
+
+    Raises if, in a call of the model's ``__call__``, an adapter in `params` was never
+    reached (its module is not a Dense, DenseGeneral or Einsum, or the model did not call
+    it), instead of silently ignoring it.
+    """
+    if not deterministic and config.dropout > 0 and "dropout" not in (rngs or {}):
+        raise ValueError("apply: LoRA dropout is on (deterministic=False) but rngs has no 'dropout' key")
+    method = kwargs.get("method") or model.__call__
+    if isinstance(method, str):
+        method = getattr(model, method)
+    if "deterministic" in inspect.signature(method).parameters:
+        kwargs["deterministic"] = deterministic
+    with intercept(config, deterministic=deterministic) as applied:
+        out = model.apply({**(variables or {}), "params": params}, *args, rngs=rngs, **kwargs)
+    missed = sorted({path_str(keys) for keys in adapted_modules(params)} - applied)
+    if missed and "method" not in kwargs:
+        raise ValueError(
+            f"apply: adapters on {missed} were never applied: jlora intercepts "
+            "nn.Dense / nn.DenseGeneral / nn.Einsum calls, and these modules are not one or were not called"
+        )
+    return out

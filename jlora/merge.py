@@ -1,0 +1,41 @@
+"""Merged LoRA: fold ``s · A · B`` into the kernels for zero-latency inference, and back."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jlora.config import LoraConfig
+from jlora.spec import adapter_spec
+from jlora.tree import LORA_A, LORA_B, PyTree, adapted_modules, flatten, join, path_str, unflatten
+
+
+def delta(kernel_shape, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``s · A · B`` in float32, shaped like the kernel ``(*stack, *in, *out)``."""
+    spec = adapter_spec(kernel_shape, a.shape, b.shape)
+    stack = tuple(kernel_shape[: spec.stack])
+    a2 = a.astype(jnp.float32).reshape(stack + (-1, a.shape[-1]))
+    b2 = b.astype(jnp.float32).reshape(stack + (b.shape[spec.stack], -1))
+    return (scale * jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST)).reshape(kernel_shape)
+
+
+def _fold(params: PyTree, config: LoraConfig, sign: float) -> dict:
+    flat = flatten(params)
+    for keys, leaves in adapted_modules(params).items():
+        kernel, a = leaves["kernel"], leaves[LORA_A]
+        d = delta(kernel.shape, a, leaves[LORA_B], config.scale(path_str(keys), a.shape[-1]))
+        flat[keys + ("kernel",)] = (kernel.astype(jnp.float32) + sign * d).astype(kernel.dtype)
+        del flat[keys + (LORA_A,)], flat[keys + (LORA_B,)]
+    return unflatten(flat)
+
+
+def merge(params: PyTree, config: LoraConfig) -> dict:
+    """A plain tree (no LoRA leaves) with ``W + s · A · B``, computed in float32 and cast
+    once to W's dtype; the unmodified model consumes it at the base model's speed."""
+    return _fold(params, config, 1.0)
+
+
+def unmerge(merged: PyTree, adapters: PyTree, config: LoraConfig) -> dict:
+    """Undo `merge`: ``W = merged - s · A · B`` (exact up to rounding of W's dtype), with
+    `adapters` joined back in."""
+    return _fold(join(adapters, merged), config, -1.0)

@@ -1,0 +1,137 @@
+"""`init`: the parameter-tree transform that adds `lora_a` / `lora_b` beside kernels."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jlora.config import LoraConfig, suffix_match
+from jlora.spec import InterleavedKernel, KernelSpec
+from jlora.tree import LORA_A, LORA_B, Keys, PyTree, flatten, path_str, unflatten
+
+
+def init(
+    params: PyTree,
+    config: LoraConfig,
+    key: jax.Array,
+    specs: Mapping[str, KernelSpec | InterleavedKernel] | None = None,
+) -> dict:
+    """Add adapters beside every targeted kernel; the model's outputs do not change (B = 0).
+
+    Args:
+      params: a Linen ``params`` collection or the pure dict of an NNX state.
+      config: what to adapt.
+      key: PRNG key for A. Each module's A depends only on this key and its path.
+      specs: kernel layouts from `kernel_specs(model, *inputs)`; needed for kernels that
+        are not plain 2-D ``(in, out)`` matrices (DenseGeneral, Einsum, scanned layers).
+
+    Returns the tree with ``lora_a: (*stack, *in, r)`` and ``lora_b: (*stack, r, *out)``
+    beside each targeted ``kernel: (*stack, *in, *out)``.
+    """
+    flat = flatten(params)
+    if any(keys[-1] in (LORA_A, LORA_B) for keys in flat):
+        raise ValueError("init: params already hold LoRA adapters; merge or split them off first")
+    kernels = {keys[:-1]: leaf for keys, leaf in flat.items() if keys[-1] == "kernel"}
+    _check_modules_to_save(flat, config)
+    targets = [keys for keys in kernels if config.targets(path_str(keys))]
+    if not targets:
+        raise _no_target_error(flat, kernels, config)
+    _check_pattern_keys(config, targets)
+    for keys in targets:
+        path, kernel = path_str(keys), kernels[keys]
+        spec = _resolve_spec(path, kernel.shape, specs)
+        layers = _selected_layers(path, spec, kernel.shape, config)
+        if layers is None:
+            continue
+        r = config.rank(path)
+        fan_in, fan_out = spec.fan_in_out(kernel.shape)
+        if r > min(fan_in, fan_out):
+            raise ValueError(
+                f"init: rank {r} for {path} exceeds min(in, out) = min({fan_in}, {fan_out}); lower r or use rank_pattern"
+            )
+        a_shape, b_shape = spec.adapter_shapes(kernel.shape, r)
+        module_key = jax.random.fold_in(key, zlib.crc32(path.encode()))
+        a = _init_a(module_key, a_shape, fan_in, r, config)
+        if layers is not True:  # a subset of a stacked layer axis: the rest stay A = B = 0
+            keep = jnp.zeros(kernel.shape[0], bool).at[jnp.asarray(layers, int)].set(True)
+            a = jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0)
+        flat[keys + (LORA_A,)] = a
+        flat[keys + (LORA_B,)] = jnp.zeros(b_shape, config.dtype)
+    return unflatten(flat)
+
+
+def _init_a(key: jax.Array, shape: tuple[int, ...], fan_in: int, r: int, config: LoraConfig) -> jax.Array:
+    if config.init == "gaussian":  # peft: normal with std 1/r
+        return jax.random.normal(key, shape, config.dtype) / r
+    # peft: kaiming_uniform_(a=sqrt(5)) on A (r, in), i.e. U(-1/sqrt(in), 1/sqrt(in))
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, config.dtype, -bound, bound)
+
+
+def _resolve_spec(path: str, shape: tuple[int, ...], specs) -> KernelSpec:
+    spec = (specs or {}).get(path)
+    if isinstance(spec, InterleavedKernel):
+        raise spec.error()
+    if spec is None:
+        if len(shape) != 2:
+            hint = (
+                "specs were given but do not cover it"
+                if specs
+                else "pass specs=jlora.kernel_specs(model, *example_inputs)"
+            )
+            raise ValueError(
+                f"init: kernel {path} has shape {shape}; only a 2-D kernel is evidently (in, out). "
+                f"Its input/output/stacked axes must be learned from the model: {hint}"
+            )
+        return KernelSpec(0, 1, 1)
+    if spec.ndim != len(shape):
+        raise ValueError(f"init: spec {spec} for {path} does not fit its kernel of shape {shape}")
+    return spec
+
+
+def _selected_layers(path: str, spec: KernelSpec, shape, config: LoraConfig):
+    """True (all of it), None (skip the module), or the selected indices of a stacked axis."""
+    if config.layers is None:
+        return True
+    index = config.layer_index(path)
+    if index is not None:
+        return True if index in config.layers else None
+    if spec.stack == 0:
+        return None  # outside numbered layers: peft's layers_to_transform skips it too
+    if spec.stack > 1:
+        raise ValueError(f"init: {path} has {spec.stack} stacked axes; `layers` can select along one only")
+    chosen = [i for i in config.layers if i < shape[0]]
+    if len(chosen) != len(config.layers):
+        raise ValueError(f"init: layers {config.layers} out of range for {path}, which stacks {shape[0]} layers")
+    return chosen
+
+
+def _check_modules_to_save(flat: Mapping[Keys, object], config: LoraConfig) -> None:
+    modules = {path_str(keys[:i]) for keys in flat for i in range(1, len(keys))}
+    if config.modules_to_save and not any(config.saves(m) for m in modules):
+        raise ValueError(f"init: modules_to_save {list(config.modules_to_save)} match no module")
+
+
+def _no_target_error(flat: Mapping[Keys, object], kernels, config: LoraConfig) -> ValueError:
+    listing = "\n  ".join(path_str(keys) for keys in kernels) or "(none)"
+    message = f"init: target_modules {config.target_modules!r} match no kernel."
+    modules = sorted({path_str(keys[:i]) for keys in flat for i in range(1, len(keys))})
+    kernel_less = [m for m in modules if config.targets(m)]
+    if kernel_less:
+        message += (
+            f" They match {kernel_less}, which hold no `kernel` (embeddings and norms are not LoRA "
+            "targets): train those fully with modules_to_save."
+        )
+    return ValueError(f"{message} Kernels:\n  {listing}")
+
+
+def _check_pattern_keys(config: LoraConfig, targets: list[Keys]) -> None:
+    paths = [path_str(keys) for keys in targets]
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field):
+            if not any(suffix_match(key, path) for path in paths):
+                raise ValueError(f"init: {field} key {key!r} matches none of the adapted modules {paths}")

@@ -1,0 +1,92 @@
+"""Paths over parameter trees, and the split of a tree into trainable and frozen parts.
+
+Works on the nested dicts that Linen's `init` returns and on the pure dicts of NNX state
+(`nnx.to_pure_dict`), whose layer lists have integer keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from jlora.config import LoraConfig
+
+LORA_A, LORA_B = "lora_a", "lora_b"
+Keys = tuple[Any, ...]
+PyTree = Any
+
+
+def path_str(keys: Keys) -> str:
+    """``('layers', 0, 'q_proj') -> 'layers/0/q_proj'``."""
+    return "/".join(str(k) for k in keys)
+
+
+def _key(entry) -> Any:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return entry
+
+
+def flatten(tree: PyTree) -> dict[Keys, Any]:
+    """``{(k1, k2, ...): leaf}`` for every leaf of a nested mapping."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(_key(e) for e in path): leaf for path, leaf in leaves}
+
+
+def unflatten(flat: Mapping[Keys, Any]) -> dict:
+    """The inverse of `flatten`, as plain nested dicts."""
+    out: dict = {}
+    for keys, leaf in flat.items():
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = leaf
+    return out
+
+
+def is_trainable(keys: Keys, config: LoraConfig) -> bool:
+    """A LoRA factor, or any parameter inside a `modules_to_save` module."""
+    return keys[-1] in (LORA_A, LORA_B) or any(config.saves(path_str(keys[:i])) for i in range(1, len(keys)))
+
+
+def split(params: PyTree, config: LoraConfig) -> tuple[dict, dict]:
+    """``(adapters, base)``: the trainable leaves and the frozen rest, as two nested dicts
+    with the tree's own paths. Optimizers, gradients and checkpoints use `adapters` alone."""
+    adapters, base = {}, {}
+    for keys, leaf in flatten(params).items():
+        (adapters if is_trainable(keys, config) else base)[keys] = leaf
+    return unflatten(adapters), unflatten(base)
+
+
+def join(adapters: PyTree, base: PyTree) -> dict:
+    """The inverse of `split`: one tree holding both."""
+    flat = flatten(base)
+    overlap = flat.keys() & flatten(adapters).keys()
+    if overlap:
+        raise ValueError(f"join: adapters and base both hold {sorted(map(path_str, overlap))[:5]}")
+    flat.update(flatten(adapters))
+    return unflatten(flat)
+
+
+def labels(params: PyTree, config: LoraConfig) -> PyTree:
+    """A tree like `params` of ``"trainable"`` / ``"frozen"``, for `optax.multi_transform`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "trainable" if is_trainable(tuple(map(_key, path)), config) else "frozen", params
+    )
+
+
+def trainable_mask(params: PyTree, config: LoraConfig) -> PyTree:
+    """A tree like `params` of booleans, True on trainable leaves (for `optax.masked`)."""
+    return jax.tree_util.tree_map(lambda label: label == "trainable", labels(params, config))
+
+
+def adapted_modules(params: PyTree) -> dict[Keys, dict[str, Any]]:
+    """``{module keys: {'kernel': W, 'lora_a': A, 'lora_b': B}}`` for every adapted module."""
+    modules: dict[Keys, dict[str, Any]] = {}
+    for keys, leaf in flatten(params).items():
+        if keys[-1] in ("kernel", LORA_A, LORA_B):
+            modules.setdefault(keys[:-1], {})[keys[-1]] = leaf
+    return {keys: leaves for keys, leaves in modules.items() if LORA_A in leaves}
