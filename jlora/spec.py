@@ -114,7 +114,7 @@ def kernel_specs(
     """Learn the layout of every Dense / DenseGeneral / Einsum kernel of a Linen model.
 
     Runs `model.init` under `jax.eval_shape` (no FLOPs, no memory) with the example
-    inputs, intercepting the layer calls: each layer's attributes give the split of its
+    inputs (arrays or `jax.ShapeDtypeStruct`s), intercepting the layer calls: each layer's attributes give the split of its
     kernel into input and output axes, and the initialised tree gives the stacked axes
     that `nn.scan` adds. Returns ``{module path: KernelSpec}`` for `init(..., specs=)`.
     Kernels whose axes interleave inputs and outputs (einsum ``'d,ndh->nh'``) are
@@ -128,7 +128,9 @@ def kernel_specs(
         return next_fun(*call_args, **call_kwargs)
 
     with nn.intercept_methods(record):
-        variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, method=method, **kwargs))
+        variables = jax.eval_shape(
+            lambda *inputs: model.init(jax.random.key(0), *inputs, method=method, **kwargs), *args
+        )
     params = nn.meta.unbox(variables["params"])
     specs = {}
     for path, layout in layouts.items():
