@@ -20,22 +20,23 @@ def delta(kernel_shape, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
 
 
 def _fold(params: PyTree, config: LoraConfig, sign: float) -> dict:
+    """The flat tree with every adapted kernel replaced by ``W + sign · s · A · B``."""
     flat = flatten(params)
     for keys, leaves in adapted_modules(params).items():
         kernel, a = leaves["kernel"], leaves[LORA_A]
         d = delta(kernel.shape, a, leaves[LORA_B], config.scale(path_str(keys), a.shape[-1]))
         flat[keys + ("kernel",)] = (kernel.astype(jnp.float32) + sign * d).astype(kernel.dtype)
-        del flat[keys + (LORA_A,)], flat[keys + (LORA_B,)]
-    return unflatten(flat)
+    return flat
 
 
 def merge(params: PyTree, config: LoraConfig) -> dict:
     """A plain tree (no LoRA leaves) with ``W + s · A · B``, computed in float32 and cast
     once to W's dtype; the unmodified model consumes it at the base model's speed."""
-    return _fold(params, config, 1.0)
+    return unflatten({k: v for k, v in _fold(params, config, 1.0).items() if k[-1] not in (LORA_A, LORA_B)})
 
 
 def unmerge(merged: PyTree, adapters: PyTree, config: LoraConfig) -> dict:
     """Undo `merge`: ``W = merged - s · A · B`` (exact up to rounding of W's dtype), with
-    `adapters` joined back in."""
-    return _fold(join(adapters, merged), config, -1.0)
+    the LoRA factors of `adapters` joined back in (`modules_to_save` stay as merged)."""
+    factors = unflatten({k: v for k, v in flatten(adapters).items() if k[-1] in (LORA_A, LORA_B)})
+    return unflatten(_fold(join(factors, merged), config, -1.0))
