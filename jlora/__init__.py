@@ -1,9 +1,9 @@
 """jlora: LoRA for JAX and Flax as a parameter-tree transform.
 
-    params = jlora.init(params, config, key)        # adds lora_a / lora_b beside kernels
-    y = jlora.apply(model, params, config, x)       # factored: base(x) + s·x·A·B
-    adapters, base = jlora.split(params, config)    # train `adapters` only
-    merged = jlora.merge(params, config)            # W + s·A·B for inference
+params = jlora.init(params, config, key)        # adds lora_a / lora_b beside kernels
+y = jlora.apply(model, params, config, x)       # factored: base(x) + s·x·A·B
+adapters, base = jlora.split(params, config)    # train `adapters` only
+merged = jlora.merge(params, config)            # W + s·A·B for inference
 """
 
 from jlora.apply import apply, intercept

@@ -30,8 +30,8 @@ def lora_branch(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array, ein
     n_in = a.ndim - 1
     if isinstance(module, nn.Einsum):
         x_sub, k_sub, out_sub, is_in = einsum_axes(einsum_str or module.einsum_str)
-        ins = "".join(c for c, i in zip(k_sub, is_in) if i)
-        outs = "".join(c for c, i in zip(k_sub, is_in) if not i)
+        ins = "".join(c for c, i in zip(k_sub, is_in, strict=False) if i)
+        outs = "".join(c for c, i in zip(k_sub, is_in, strict=False) if not i)
         rank = next(c for c in "rRzZqQ" if c not in x_sub + k_sub + out_sub)
         mid = "".join(c for c in x_sub if c not in ins) + rank
         h = jnp.einsum(f"{x_sub},{ins}{rank}->{mid}", x, a, preferred_element_type=jnp.float32)

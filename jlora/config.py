@@ -96,7 +96,7 @@ class LoraConfig:
     dtype: Any = "float32"
 
     def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_ = lambda name, value: object.__setattr__(self, name, value)
         _check_rank("r", self.r)
         _check_alpha("alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
@@ -179,4 +179,3 @@ def _check_rank(name: str, r) -> None:
 def _check_alpha(name: str, alpha) -> None:
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
         raise ValueError(f"LoraConfig.{name}: alpha must be a number > 0, got {alpha!r}")
-

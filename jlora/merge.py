@@ -14,8 +14,8 @@ def delta(kernel_shape, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     """``s · A · B`` in float32, shaped like the kernel ``(*stack, *in, *out)``."""
     spec = adapter_spec(kernel_shape, a.shape, b.shape)
     stack = tuple(kernel_shape[: spec.stack])
-    a2 = a.astype(jnp.float32).reshape(stack + (-1, a.shape[-1]))
-    b2 = b.astype(jnp.float32).reshape(stack + (b.shape[spec.stack], -1))
+    a2 = a.astype(jnp.float32).reshape((*stack, -1, a.shape[-1]))
+    b2 = b.astype(jnp.float32).reshape((*stack, b.shape[spec.stack], -1))
     return (scale * jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST)).reshape(kernel_shape)
 
 
@@ -25,7 +25,7 @@ def _fold(params: PyTree, config: LoraConfig, sign: float) -> dict:
     for keys, leaves in adapted_modules(params).items():
         kernel, a = leaves["kernel"], leaves[LORA_A]
         d = delta(kernel.shape, a, leaves[LORA_B], config.scale(path_str(keys), a.shape[-1]))
-        flat[keys + ("kernel",)] = (kernel.astype(jnp.float32) + sign * d).astype(kernel.dtype)
+        flat[(*keys, "kernel")] = (kernel.astype(jnp.float32) + sign * d).astype(kernel.dtype)
     return flat
 
 

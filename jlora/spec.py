@@ -52,7 +52,7 @@ class KernelSpec:
         """Shapes of ``(lora_a, lora_b)`` for a kernel of this layout."""
         shape = tuple(kernel_shape)
         stack, ins, outs = (tuple(shape[i] for i in axes) for axes in (self.stack_axes, self.in_axes, self.out_axes))
-        return stack + ins + (r,), stack + (r,) + outs
+        return stack + ins + (r,), (*stack, r, *outs)
 
     def fan_in_out(self, kernel_shape: Sequence[int]) -> tuple[int, int]:
         """The flattened input and output sizes of one (unstacked) kernel."""
@@ -108,17 +108,16 @@ def local_layout(module: nn.Module, kwargs: dict[str, Any] | None = None) -> tup
     raise TypeError(f"jlora adapts {', '.join(t.__name__ for t in ADAPTABLE)}, not {type(module).__name__}")
 
 
-def kernel_specs(
-    model: nn.Module, *args, method: str | Callable | None = None, **kwargs
-) -> dict[str, KernelSpec]:
+def kernel_specs(model: nn.Module, *args, method: str | Callable | None = None, **kwargs) -> dict[str, KernelSpec]:
     """Learn the layout of every Dense / DenseGeneral / Einsum kernel of a Linen model.
 
     Runs `model.init` under `jax.eval_shape` (no FLOPs, no memory) with the example
-    inputs (arrays or `jax.ShapeDtypeStruct`s), intercepting the layer calls: each layer's attributes give the split of its
-    kernel into input and output axes, and the initialised tree gives the stacked axes
-    that `nn.scan` adds. Returns ``{module path: KernelSpec}`` for `init(..., specs=)`.
-    Kernels whose axes interleave inputs and outputs (einsum ``'d,ndh->nh'``) are
-    reported with a layout that `init` refuses with an explanation.
+    inputs (arrays or `jax.ShapeDtypeStruct`s), intercepting the layer calls: each
+    layer's attributes give the split of its kernel into input and output axes, and the
+    initialised tree gives the stacked axes that `nn.scan` adds. Returns
+    ``{module path: KernelSpec}`` for `init(..., specs=)`. Kernels whose axes interleave
+    inputs and outputs (einsum ``'d,ndh->nh'``) are reported with a layout that `init`
+    refuses with an explanation.
     """
     layouts: dict[str, tuple[bool, ...]] = {}
 
@@ -134,7 +133,7 @@ def kernel_specs(
     params = nn.meta.unbox(variables["params"])
     specs = {}
     for path, layout in layouts.items():
-        kernel = _get(params, path.split("/") + ["kernel"])
+        kernel = _get(params, [*path.split("/"), "kernel"])
         stack = kernel.ndim - len(layout)
         n_in = sum(layout)
         if list(layout) == sorted(layout, reverse=True):

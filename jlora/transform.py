@@ -51,7 +51,8 @@ def init(
         fan_in, fan_out = spec.fan_in_out(kernel.shape)
         if r > min(fan_in, fan_out):
             raise ValueError(
-                f"init: rank {r} for {path} exceeds min(in, out) = min({fan_in}, {fan_out}); lower r or use rank_pattern"
+                f"init: rank {r} for {path} exceeds min(in, out) = min({fan_in}, {fan_out}); "
+                "lower r or use rank_pattern"
             )
         a_shape, b_shape = spec.adapter_shapes(kernel.shape, r)
         module_key = jax.random.fold_in(key, zlib.crc32(path.encode()))
@@ -59,8 +60,8 @@ def init(
         if layers is not True:  # a subset of a stacked layer axis: the rest stay A = B = 0
             keep = jnp.zeros(kernel.shape[0], bool).at[jnp.asarray(layers, int)].set(True)
             a = jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0)
-        flat[keys + (LORA_A,)] = a
-        flat[keys + (LORA_B,)] = jnp.zeros(b_shape, config.dtype)
+        flat[(*keys, LORA_A)] = a
+        flat[(*keys, LORA_B)] = jnp.zeros(b_shape, config.dtype)
     return unflatten(flat)
 
 

@@ -22,7 +22,9 @@ def perturb(params, key, scale=0.3):
     def leaf(path, x):
         if path[-1].key != "lora_b":
             return x
-        return scale * jax.random.normal(jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode())), x.shape, x.dtype)
+        return scale * jax.random.normal(
+            jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode())), x.shape, x.dtype
+        )
 
     return jax.tree_util.tree_map_with_path(leaf, params)
 

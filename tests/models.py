@@ -16,7 +16,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda name: nn.DenseGeneral((self.heads, self.head_dim), dtype=self.dtype, name=name)  # noqa: E731
+        dense = lambda name: nn.DenseGeneral((self.heads, self.head_dim), dtype=self.dtype, name=name)
         q, k, v = dense("q_proj")(x), dense("k_proj")(x), dense("v_proj")(x)
         logits = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(self.head_dim)
         h = jnp.einsum("bnts,bsnh->btnh", nn.softmax(logits), v)
@@ -58,7 +58,10 @@ class Transformer(nn.Module):
         x = nn.Embed(self.vocab, self.embed, name="embed_tokens")(tokens)
         if self.scan:
             stack = nn.scan(
-                ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True}, length=self.n_layers
+                ScanBlock,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                length=self.n_layers,
             )
             x, _ = stack(dtype=self.dtype, name="layers")(x, None)
         else:

@@ -43,7 +43,7 @@ class Stacked(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        body = lambda mdl, carry, _: (carry, mdl(carry))  # noqa: E731
+        body = lambda mdl, carry, _: (carry, mdl(carry))
         scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
         return scan(Projections(**self.inner, name="layers"), x, None)[1]
 
@@ -65,13 +65,15 @@ def input_shape(kind, d_in, heads):
     seed=st.integers(0, 2**16),
 )
 def test_factored_equals_merged(kind, d_in, d_out, heads, r, targets, stacked, rslora, seed):
-    inner = dict(kind=kind, d_in=d_in, d_out=d_out, heads=heads)
+    inner = {"kind": kind, "d_in": d_in, "d_out": d_out, "heads": heads}
     model = Stacked(inner) if stacked else Projections(**inner)
     x = jax.random.normal(jax.random.key(seed), input_shape(kind, d_in, heads))
     base = model.init(jax.random.key(seed + 1), x)["params"]
     r = min(r, d_in, d_out)
     config = jlora.LoraConfig(r=r, alpha=2.0 * r, target_modules=targets, use_rslora=rslora)
-    params = perturb(jlora.init(base, config, jax.random.key(seed + 2), specs=jlora.kernel_specs(model, x)), jax.random.key(seed))
+    params = perturb(
+        jlora.init(base, config, jax.random.key(seed + 2), specs=jlora.kernel_specs(model, x)), jax.random.key(seed)
+    )
     factored = jlora.apply(model, params, config, x)
     merged = model.apply({"params": jlora.merge(params, config)}, x)
     assert not np.allclose(factored, model.apply({"params": base}, x), atol=1e-3)  # the adapters matter
@@ -138,7 +140,10 @@ def test_dropout_acts_on_the_lora_input_only(transformer):
     model, base, specs, _ = transformer
     config = jlora.LoraConfig(r=2, target_modules=["up_proj", "q_proj"], dropout=0.5)
     params = jlora.init(base, config, jax.random.key(1), specs=specs)
-    run = jax.jit(lambda p, key, det: jlora.apply(model, p, config, TOKENS, rngs={"dropout": key}, deterministic=det), static_argnums=2)
+    run = jax.jit(
+        lambda p, key, det: jlora.apply(model, p, config, TOKENS, rngs={"dropout": key}, deterministic=det),
+        static_argnums=2,
+    )
     # B = 0: the LoRA branch is zero, so dropout (applied to its input alone) changes nothing.
     np.testing.assert_array_equal(run(params, jax.random.key(7), False), run(params, jax.random.key(7), True))
     params = perturb(params, jax.random.key(2))
@@ -158,9 +163,13 @@ class Linear(nn.Module):
 def test_dropout_is_inverted_dropout_on_x():
     model, x = Linear(), jax.random.normal(jax.random.key(0), (2, 64))
     config = jlora.LoraConfig(r=2, target_modules=["fc"], dropout=0.25)
-    params = perturb(jlora.init(model.init(jax.random.key(0), x)["params"], config, jax.random.key(1)), jax.random.key(2))
+    params = perturb(
+        jlora.init(model.init(jax.random.key(0), x)["params"], config, jax.random.key(1)), jax.random.key(2)
+    )
     run = jax.vmap(lambda key: jlora.apply(model, params, config, x, rngs={"dropout": key}, deterministic=False))
-    branch = run(jax.random.split(jax.random.key(3), 4000)) - model.apply({"params": {"fc": {k: params["fc"][k] for k in ("kernel", "bias")}}}, x)
+    branch = run(jax.random.split(jax.random.key(3), 4000)) - model.apply(
+        {"params": {"fc": {k: params["fc"][k] for k in ("kernel", "bias")}}}, x
+    )
     s, a, b = config.scale("fc", 2), params["fc"]["lora_a"], params["fc"]["lora_b"]
     # a linear layer: E[s·drop(x)·A·B] = s·x·A·B, and each sample is s·(m ⊙ x / 0.75)·A·B
     # (4000 samples: the mean's sd is ~1% of the branch's scale, so 5% is a 5-sigma bound)

@@ -20,13 +20,13 @@ def test_adapter_shapes_for_every_kernel_layout(transformer):
     params = jlora.init(base, config, jax.random.key(1), specs=specs)
     stack = (3,) if model.scan else ()
     attn = params["layers"]["block"]["attn"] if model.scan else params["layers_1"]["attn"]
-    assert attn["q_proj"]["kernel"].shape == stack + (8, 2, 3)  # DenseGeneral embed -> (heads, head_dim)
-    assert attn["q_proj"]["lora_a"].shape == stack + (8, 2)
-    assert attn["q_proj"]["lora_b"].shape == stack + (2, 2, 3)
-    assert attn["o_proj"]["kernel"].shape == stack + (2, 3, 8)  # DenseGeneral (heads, head_dim) -> embed
-    assert attn["o_proj"]["lora_a"].shape == stack + (2, 3, 2)
-    assert attn["o_proj"]["lora_b"].shape == stack + (2, 8)
-    assert attn["mix"]["lora_a"].shape == stack + (8, 2)  # Einsum
+    assert attn["q_proj"]["kernel"].shape == (*stack, 8, 2, 3)  # DenseGeneral embed -> (heads, head_dim)
+    assert attn["q_proj"]["lora_a"].shape == (*stack, 8, 2)
+    assert attn["q_proj"]["lora_b"].shape == (*stack, 2, 2, 3)
+    assert attn["o_proj"]["kernel"].shape == (*stack, 2, 3, 8)  # DenseGeneral (heads, head_dim) -> embed
+    assert attn["o_proj"]["lora_a"].shape == (*stack, 2, 3, 2)
+    assert attn["o_proj"]["lora_b"].shape == (*stack, 2, 8)
+    assert attn["mix"]["lora_a"].shape == (*stack, 8, 2)  # Einsum
     assert jlora.adapter_spec(*(attn["o_proj"][n].shape for n in ("kernel", "lora_a", "lora_b"))) == jlora.KernelSpec(
         stack=len(stack), n_in=2, n_out=1
     )
@@ -64,22 +64,31 @@ def test_module_keys_depend_on_the_path_only():
 
 
 def test_adapter_dtype_follows_config():
-    params = jlora.init({"fc": {"kernel": jnp.zeros((6, 6))}}, jlora.LoraConfig(r=2, target_modules=["fc"], dtype=jnp.bfloat16), jax.random.key(0))
+    params = jlora.init(
+        {"fc": {"kernel": jnp.zeros((6, 6))}},
+        jlora.LoraConfig(r=2, target_modules=["fc"], dtype=jnp.bfloat16),
+        jax.random.key(0),
+    )
     assert params["fc"]["lora_a"].dtype == params["fc"]["lora_b"].dtype == jnp.bfloat16
 
 
 def test_exclude_modules_removes_targets(transformer):
-    model, base, specs, config = transformer
+    _model, base, specs, _config = transformer
     kept = adapted(jlora.init(base, jlora.LoraConfig(r=2, target_modules=r".*_proj"), jax.random.key(1), specs=specs))
     excluded = adapted(
-        jlora.init(base, jlora.LoraConfig(r=2, target_modules=r".*_proj", exclude_modules=["k_proj"]), jax.random.key(1), specs=specs)
+        jlora.init(
+            base,
+            jlora.LoraConfig(r=2, target_modules=r".*_proj", exclude_modules=["k_proj"]),
+            jax.random.key(1),
+            specs=specs,
+        )
     )
     assert any(p.endswith("k_proj") for p in kept)
     assert excluded == {p for p in kept if not p.endswith("k_proj")}
 
 
 def test_rank_pattern_sets_per_module_rank(transformer):
-    model, base, specs, _ = transformer
+    _model, base, specs, _ = transformer
     config = jlora.LoraConfig(r=2, target_modules=ALL_PROJ, rank_pattern={"v_proj": 4, "down_proj": 1})
     for keys, leaf in flatten(jlora.init(base, config, jax.random.key(1), specs=specs)).items():
         if keys[-1] == "lora_a":
@@ -88,14 +97,18 @@ def test_rank_pattern_sets_per_module_rank(transformer):
 
 
 def test_layers_selects_unrolled_layers():
-    model, base, specs, _ = build(scan=False)
-    params = jlora.init(base, jlora.LoraConfig(r=2, target_modules=ALL_PROJ, layers=[2]), jax.random.key(1), specs=specs)
+    _model, base, specs, _ = build(scan=False)
+    params = jlora.init(
+        base, jlora.LoraConfig(r=2, target_modules=ALL_PROJ, layers=[2]), jax.random.key(1), specs=specs
+    )
     assert adapted(params) and all(p.startswith("layers_2/") for p in adapted(params))
 
 
 def test_layers_selects_along_the_stacked_axis():
-    model, base, specs, _ = build(scan=True)
-    params = jlora.init(base, jlora.LoraConfig(r=2, target_modules=ALL_PROJ, layers=[2]), jax.random.key(1), specs=specs)
+    _model, base, specs, _ = build(scan=True)
+    params = jlora.init(
+        base, jlora.LoraConfig(r=2, target_modules=ALL_PROJ, layers=[2]), jax.random.key(1), specs=specs
+    )
     a = params["layers"]["block"]["up_proj"]["lora_a"]
     assert not a[:2].any() and a[2].all()
     with pytest.raises(ValueError, match=r"layers \(5,\) out of range for .*up_proj, which stacks 3 layers"):
@@ -111,7 +124,7 @@ def test_no_match_lists_the_kernels_that_exist(mlp):
 
 def test_embedding_target_points_to_modules_to_save():
     _, base, specs, _ = build(scan=False)
-    with pytest.raises(ValueError, match="embed_tokens.*hold no `kernel`.*modules_to_save"):
+    with pytest.raises(ValueError, match=r"embed_tokens.*hold no `kernel`.*modules_to_save"):
         jlora.init(base, jlora.LoraConfig(target_modules=["embed_tokens"]), jax.random.key(0), specs=specs)
 
 
@@ -135,8 +148,13 @@ def test_interleaved_einsum_kernel_is_refused_with_the_reason():
 
     x = jnp.ones((1, 2, 4))
     base = Gemma().init(jax.random.key(0), x)["params"]
-    with pytest.raises(ValueError, match="ordered 'oio'.*input axes before all output axes"):
-        jlora.init(base, jlora.LoraConfig(r=1, target_modules=["q_einsum"]), jax.random.key(0), specs=jlora.kernel_specs(Gemma(), x))
+    with pytest.raises(ValueError, match=r"ordered 'oio'.*input axes before all output axes"):
+        jlora.init(
+            base,
+            jlora.LoraConfig(r=1, target_modules=["q_einsum"]),
+            jax.random.key(0),
+            specs=jlora.kernel_specs(Gemma(), x),
+        )
 
 
 def test_other_init_errors(mlp):
@@ -151,7 +169,7 @@ def test_other_init_errors(mlp):
 
 
 def test_kernel_specs_learns_layouts_without_running_the_model():
-    model, _, specs, _ = build(scan=True)
+    _model, _, specs, _ = build(scan=True)
     assert specs["layers/block/attn/q_proj"] == jlora.KernelSpec(stack=1, n_in=1, n_out=2)
     assert specs["layers/block/attn/o_proj"] == jlora.KernelSpec(stack=1, n_in=2, n_out=1)
     assert specs["layers/block/attn/mix"] == jlora.KernelSpec(stack=1, n_in=1, n_out=1)
@@ -169,7 +187,7 @@ def test_kernel_specs_allocates_nothing():
 
 
 def test_summary_counts_trainable_parameters(transformer):
-    model, base, specs, _ = transformer
+    _model, base, specs, _ = transformer
     config = jlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
     params = jlora.init(base, config, jax.random.key(1), specs=specs)
     s = jlora.summary(params, config)

@@ -16,14 +16,14 @@ def adapted_params(transformer, **config):
 
 
 def test_join_of_split_is_the_identity(transformer):
-    _, base, config, params = adapted_params(transformer, modules_to_save=["classifier"])
+    _, _base, config, params = adapted_params(transformer, modules_to_save=["classifier"])
     adapters, frozen = jlora.split(params, config)
     assert set(flatten(adapters)) | set(flatten(frozen)) == set(flatten(params))
     assert all(k[-1] in ("lora_a", "lora_b") or k[0] == "classifier" for k in flatten(adapters))
     assert "classifier" not in frozen
     joined = jlora.join(adapters, frozen)
     assert jax.tree.structure(joined) == jax.tree.structure(params)
-    for x, y in zip(jax.tree.leaves(joined), jax.tree.leaves(params)):
+    for x, y in zip(jax.tree.leaves(joined), jax.tree.leaves(params), strict=False):
         assert x is y
 
 
@@ -78,4 +78,6 @@ def test_alpha_pattern_sets_per_module_scale():
         params[name]["lora_b"] = jnp.ones((2, 8))
     merged = jlora.merge(params, config)
     for name, scale in (("q", 1.0), ("v", 8.0)):
-        np.testing.assert_allclose(merged[name]["kernel"], scale * params[name]["lora_a"] @ params[name]["lora_b"], rtol=1e-6)
+        np.testing.assert_allclose(
+            merged[name]["kernel"], scale * params[name]["lora_a"] @ params[name]["lora_b"], rtol=1e-6
+        )

@@ -112,7 +112,10 @@ def test_unselected_stacked_layers_stay_exact_no_ops():
 
 
 def test_labels_and_mask():
-    params = {"fc": {"kernel": jnp.zeros((4, 4)), "lora_a": jnp.zeros((4, 1)), "lora_b": jnp.zeros((1, 4))}, "head": {"kernel": jnp.zeros((4, 2)), "bias": jnp.zeros(2)}}
+    params = {
+        "fc": {"kernel": jnp.zeros((4, 4)), "lora_a": jnp.zeros((4, 1)), "lora_b": jnp.zeros((1, 4))},
+        "head": {"kernel": jnp.zeros((4, 2)), "bias": jnp.zeros(2)},
+    }
     config = jlora.LoraConfig(r=1, target_modules=["fc"], modules_to_save=["head"])
     assert jlora.labels(params, config) == {
         "fc": {"kernel": "frozen", "lora_a": "trainable", "lora_b": "trainable"},

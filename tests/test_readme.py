@@ -8,7 +8,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_quickstart_runs_and_learns(capsys):
-    code = re.search(r"## Quickstart\n\n```python\n(.*?)```", README, re.S).group(1)
+    code = re.search(r"## Quickstart\n\n```python\n(.*?)```", README, re.DOTALL).group(1)
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     printed = capsys.readouterr().out
