@@ -108,7 +108,9 @@ def local_layout(module: nn.Module, kwargs: dict[str, Any] | None = None) -> tup
     raise TypeError(f"jlora adapts {', '.join(t.__name__ for t in ADAPTABLE)}, not {type(module).__name__}")
 
 
-def kernel_specs(model: nn.Module, *args, method: str | Callable | None = None, **kwargs) -> dict[str, KernelSpec]:
+def kernel_specs(
+    model: nn.Module, *args, method: str | Callable | None = None, **kwargs
+) -> dict[str, KernelSpec | InterleavedKernel]:
     """Learn the layout of every Dense / DenseGeneral / Einsum kernel of a Linen model.
 
     Runs `model.init` under `jax.eval_shape` (no FLOPs, no memory) with the example

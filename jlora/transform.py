@@ -32,6 +32,8 @@ def init(
     Returns the tree with ``lora_a: (*stack, *in, r)`` and ``lora_b: (*stack, r, *out)``
     beside each targeted ``kernel: (*stack, *in, *out)``.
     """
+    if set(params) == {"params"}:
+        raise ValueError("init: got a variables dict; pass its 'params' collection: variables['params']")
     flat = flatten(params)
     if any(keys[-1] in (LORA_A, LORA_B) for keys in flat):
         raise ValueError("init: params already hold LoRA adapters; merge or split them off first")

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+from flax.core.meta import AxisMetadata
 
 from jlora.config import LoraConfig
 
@@ -30,8 +31,21 @@ def _key(entry) -> Any:
     return entry
 
 
+def _check_unboxed(tree: PyTree) -> None:
+    if any(_is_box(leaf) for leaf in jax.tree.leaves(tree, is_leaf=_is_box)):
+        raise ValueError(
+            "params hold nn.Partitioned (logical axis) boxes; pass nn.meta.unbox(params) and keep the "
+            "partition specs (nn.get_partition_spec) separately"
+        )
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, AxisMetadata)
+
+
 def flatten(tree: PyTree) -> dict[Keys, Any]:
     """``{(k1, k2, ...): leaf}`` for every leaf of a nested mapping."""
+    _check_unboxed(tree)
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {tuple(_key(e) for e in path): leaf for path, leaf in leaves}
 
@@ -73,6 +87,7 @@ def join(adapters: PyTree, base: PyTree) -> dict:
 
 def labels(params: PyTree, config: LoraConfig) -> PyTree:
     """A tree like `params` of ``"trainable"`` / ``"frozen"``, for `optax.multi_transform`."""
+    _check_unboxed(params)
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "trainable" if is_trainable(tuple(map(_key, path)), config) else "frozen", params
     )

@@ -168,6 +168,22 @@ def test_other_init_errors(mlp):
         jlora.init(base, jlora.LoraConfig(r=2, target_modules=["fc1"], rank_pattern={"fc9": 1}), jax.random.key(0))
 
 
+def test_boxed_params_and_variables_dicts_are_refused_with_the_fix():
+    class Logical(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+            return nn.Dense(4, kernel_init=init, name="fc")(x)
+
+    variables = Logical().init(jax.random.key(0), jnp.ones((1, 3)))
+    config = jlora.LoraConfig(r=1, target_modules=["fc"])
+    with pytest.raises(ValueError, match=r"nn.Partitioned .* pass nn.meta.unbox\(params\)"):
+        jlora.init(variables["params"], config, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"got a variables dict; pass its 'params' collection"):
+        jlora.init(nn.meta.unbox(variables), config, jax.random.key(0))
+    assert "lora_a" in jlora.init(nn.meta.unbox(variables)["params"], config, jax.random.key(0))["fc"]
+
+
 def test_kernel_specs_learns_layouts_without_running_the_model():
     _model, _, specs, _ = build(scan=True)
     assert specs["layers/block/attn/q_proj"] == jlora.KernelSpec(stack=1, n_in=1, n_out=2)
