@@ -128,6 +128,15 @@ def measure(fns: dict, inputs: dict, repeats: int, carry: bool = True) -> dict[s
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def table_rows(phase: str, compiled: dict, times: dict, reference: str) -> list[tuple]:
+    """(phase, name, seconds, time ratio, bytes, memory ratio) per variant, against `reference`."""
+    memory = {name: peak_bytes(c) for name, c in compiled.items()}
+    return [
+        (phase, name, times[name], times[name] / times[reference], memory[name], memory[name] / memory[reference])
+        for name in compiled
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
@@ -145,35 +154,14 @@ def main():
     params = jlora.init(base, config, jax.random.key(2))
     print(jlora.summary(params, config), "\n")
 
-    rows = []
     steps = make_steps(model, params, config, tokens)
     compiled = {name: jax.jit(fn, donate_argnums=(0, 1)).lower(*st).compile() for name, (fn, st) in steps.items()}
     times = measure(compiled, {name: st for name, (_, st) in steps.items()}, args.repeats)
-    for name in steps:
-        rows.append(
-            (
-                "train",
-                name,
-                times[name],
-                times[name] / times["full"],
-                peak_bytes(compiled[name]),
-                peak_bytes(compiled[name]) / peak_bytes(compiled["full"]),
-            )
-        )
+    rows = table_rows("train", compiled, times, reference="full")
     inference = make_inference(model, params, config, tokens[:, :-1])
     compiled = {name: jax.jit(fn).lower(p).compile() for name, (fn, p) in inference.items()}
     times = measure(compiled, {name: (p,) for name, (_, p) in inference.items()}, args.repeats, carry=False)
-    for name in inference:
-        rows.append(
-            (
-                "infer",
-                name,
-                times[name],
-                times[name] / times["base"],
-                peak_bytes(compiled[name]),
-                peak_bytes(compiled[name]) / peak_bytes(compiled["base"]),
-            )
-        )
+    rows += table_rows("infer", compiled, times, reference="base")
 
     header = (
         f"{args.layers} layers, embed {args.embed}, batch {args.batch} x {args.seq} tokens, r={args.rank} "
