@@ -1,0 +1,136 @@
+"""Building blocks shared by jlora's models: projections with logical axes and float32
+accumulation, attention with grouped KV heads, masks and a KV cache, and layer stacks
+that are unrolled or `nn.scan`-ned."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+
+
+def f32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`lax.dot_general` accumulating in float32 and returning the inputs' dtype: with
+    bfloat16 inputs this is what makes bf16 matmuls fast (and accurate) on CPU."""
+    out = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
+    return out.astype(jnp.result_type(lhs, rhs))
+
+
+def dense(
+    features: int | Sequence[int],
+    names: tuple[str, ...],
+    *,
+    axis: int | Sequence[int] = -1,
+    use_bias: bool = False,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    init_std: float = 0.02,
+    name: str,
+) -> nn.DenseGeneral | nn.Dense:
+    """A projection whose kernel carries logical axis `names` (inputs then outputs)."""
+    kernel_init = nn.with_logical_partitioning(nn.initializers.normal(init_std), names)
+    n_out = len(features) if isinstance(features, Sequence) else 1
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-n_out:])
+    common = dict(
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        dot_general=f32_dot_general,
+        name=name,
+    )
+    if isinstance(features, int) and axis == -1:
+        return nn.Dense(features, **common)
+    return nn.DenseGeneral(features, axis=axis, **common)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention in float32 with grouped KV heads (no repeated K/V in memory).
+
+    q (B, T, H, D), k and v (B, S, K, D) with H a multiple of K, mask (B, T, S) bool."""
+    b, t, h, d = q.shape
+    groups = h // k.shape[2]
+    q = q.reshape(b, t, k.shape[2], groups, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def causal_mask(query_slots: jax.Array, key_valid: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """(B, T, S): key slot s is visible from query slot t if s <= t, the key is not padding,
+    and (with a window) t - s < window."""
+    key_slots = jnp.arange(key_valid.shape[-1])
+    visible = key_slots[None, None, :] <= query_slots[..., None]
+    if sliding_window is not None:
+        visible &= query_slots[..., None] - key_slots[None, None, :] < sliding_window
+    return visible & key_valid[:, None, :].astype(bool)
+
+
+class KVCache(nn.Module):
+    """Keys and values of earlier tokens, in the ``cache`` collection.
+
+    `init_cache` sizes it for a batch and a maximum length; each call then writes the new
+    tokens' keys, values and padding mask at the cache index and returns the whole cache
+    and the slots of the new tokens."""
+
+    @nn.compact
+    def __call__(self, k: jax.Array, v: jax.Array, valid: jax.Array):
+        cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+        cached_valid = self.variable("cache", "valid", jnp.zeros, valid.shape, bool)
+        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        if self.is_initializing():  # `init_cache` traces with the full length: keep it empty
+            return k, v, valid, jnp.arange(k.shape[1])[None]
+        start = index.value
+        cached_k.value = lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, start, 0, 0))
+        cached_v.value = lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, start, 0, 0))
+        cached_valid.value = lax.dynamic_update_slice(cached_valid.value, valid.astype(bool), (0, start))
+        index.value = start + k.shape[1]
+        slots = start + jnp.arange(k.shape[1])[None]
+        return cached_k.value, cached_v.value, cached_valid.value, slots
+
+
+def init_cache(model: nn.Module, batch: int, max_length: int) -> dict:
+    """An empty KV cache for `model` (called with ``decode=True``), for `batch` sequences of
+    up to `max_length` tokens."""
+    ids = jnp.zeros((batch, max_length), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, positions=ids, decode=True))["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(shapes))
+
+
+def run_layers(
+    block: type[nn.Module],
+    n_layers: int,
+    scan: bool,
+    name: str,
+    x: jax.Array,
+    *args,
+    **block_kwargs,
+) -> jax.Array:
+    """Run `n_layers` blocks ``x -> x`` (call from a compact method): unrolled as
+    ``{name}_0``, ``{name}_1``, … (the Hugging Face layout), or one `nn.scan` named
+    `name` whose parameters and cache carry a leading ``layers`` axis (faster compiles).
+    Blocks take a ``scanned`` attribute and then return ``(x, None)``; `args` are
+    broadcast to every layer."""
+    if not scan:
+        for i in range(n_layers):
+            x = block(**block_kwargs, name=f"{name}_{i}")(x, *args)
+        return x
+    stack = nn.scan(
+        block,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return stack(**block_kwargs, scanned=True, name=name)(x, *args)[0]

@@ -1,0 +1,231 @@
+"""The Llama family in Flax Linen: Llama 2/3, SmolLM2, Mistral and Qwen2.
+
+Module names and nesting follow Hugging Face's (``model/layers_3/self_attn/q_proj``,
+``model/layers_3/mlp/gate_proj``, ``lm_head``), so peft target lists work unchanged and a
+parameter path maps to its checkpoint tensor by replacing ``/`` with ``.``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.models.layers import KVCache, attention, causal_mask, dense, run_layers
+
+Dtype = Any
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The architecture; `from_hf` reads it from a Hugging Face config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"RoPE type {self.rope_type!r} is not supported; jlora supports {ROPE_TYPES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> LlamaConfig:
+        """From a transformers config object (Llama, Mistral or Qwen2)."""
+        rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+        heads = hf.num_attention_heads
+        attention_bias = bool(getattr(hf, "attention_bias", False))
+        is_qwen2 = hf.model_type == "qwen2"
+        if hf.hidden_act != "silu":
+            raise ValueError(f"hidden_act {hf.hidden_act!r} is not supported; the Llama family uses 'silu'")
+        return cls(
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+            rms_norm_eps=hf.rms_norm_eps,
+            rope_theta=rope.get("rope_theta", getattr(hf, "rope_theta", None) or 10000.0),
+            rope_type=rope.get("rope_type", rope.get("type", "default")),
+            rope_factor=rope.get("factor", 1.0),
+            rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+            rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+            rope_original_max_positions=rope.get("original_max_position_embeddings", 8192),
+            tie_word_embeddings=bool(hf.tie_word_embeddings),
+            qkv_bias=attention_bias or is_qwen2,
+            o_bias=attention_bias,
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            sliding_window=getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None,
+            model_type=hf.model_type,
+        )
+
+    def inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies, with the config's scaling (as transformers computes them)."""
+        inv = 1.0 / self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
+        if self.rope_type == "linear":
+            return inv / self.rope_factor
+        if self.rope_type == "llama3":
+            low_wavelen = self.rope_original_max_positions / self.rope_low_freq_factor
+            high_wavelen = self.rope_original_max_positions / self.rope_high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = np.where(wavelen > low_wavelen, inv / self.rope_factor, inv)
+            smooth = (self.rope_original_max_positions / wavelen - self.rope_low_freq_factor) / (
+                self.rope_high_freq_factor - self.rope_low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / self.rope_factor + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            return np.where(medium, smoothed, scaled)
+        return inv
+
+
+def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding in Hugging Face's layout (rotate the two halves of head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+def rms_norm(config: LlamaConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.RMSNorm:
+    return nn.RMSNorm(
+        epsilon=config.rms_norm_eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        name=name,
+    )
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+    dtype: Dtype
+    param_dtype: Dtype
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin):
+        c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        q = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias, name="q_proj", **kw)
+        k = dense(
+            (c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, name="k_proj", **kw
+        )
+        v = dense(
+            (c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, name="v_proj", **kw
+        )
+        q, k, v = rope(q(x), cos, sin), rope(k(x), cos, sin), v(x)
+        if self.decode:
+            k, v, key_valid, slots = KVCache(name="cache")(k, v, mask)
+        else:
+            key_valid, slots = mask, jnp.arange(x.shape[1])[None]
+        h = attention(q, k, v, causal_mask(slots, key_valid, c.sliding_window))
+        out = dense(
+            c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=c.o_bias, name="o_proj", **kw
+        )
+        return out(h)
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype, "use_bias": self.config.mlp_bias}
+        gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        return dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(nn.silu(gate) * up)
+
+
+class LlamaBlock(nn.Module):
+    config: LlamaConfig
+    dtype: Dtype
+    param_dtype: Dtype
+    decode: bool = False
+    scanned: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin):
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        attn = LlamaAttention(self.config, decode=self.decode, name="self_attn", **kw)
+        x = x + attn(rms_norm(self.config, name="input_layernorm", **kw)(x), mask, cos, sin)
+        x = x + LlamaMLP(self.config, name="mlp", **kw)(rms_norm(self.config, name="post_attention_layernorm", **kw)(x))
+        return (x, None) if self.scanned else x
+
+
+class LlamaModel(nn.Module):
+    config: LlamaConfig
+    scan: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, positions, decode: bool):
+        c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        embed_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+        x = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=embed_init, name="embed_tokens", **kw)(input_ids)
+        angles = positions[..., None].astype(jnp.float32) * jnp.asarray(c.inv_freq(), jnp.float32)
+        angles = jnp.concatenate([angles, angles], axis=-1)
+        cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
+        block_kwargs = {"config": c, "decode": decode, **kw}
+        x = run_layers(LlamaBlock, c.num_layers, self.scan, "layers", x, attention_mask, cos, sin, **block_kwargs)
+        return rms_norm(c, name="norm", **kw)(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder with a language-model head; returns float32 logits (B, T, vocab).
+
+    Args of `__call__`: `input_ids` (B, T); `attention_mask` (B, T), 1 for real tokens
+    (padding anywhere); `positions` (B, T), default 0..T-1 as in transformers (required
+    with `decode`); `decode` uses and updates the KV cache in the ``cache`` collection
+    (see `jlora.models.generate`).
+    """
+
+    config: LlamaConfig
+    scan: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, positions=None, decode: bool = False):
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        if positions is None:
+            if decode:
+                raise ValueError("decode=True needs explicit positions (jlora.models.generate computes them)")
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        model = LlamaModel(self.config, self.scan, self.dtype, self.param_dtype, name="model")
+        hidden = model(input_ids, attention_mask, positions, decode)
+        if self.config.tie_word_embeddings:
+            embedding = nn.meta.unbox(model.variables["params"]["embed_tokens"]["embedding"])
+            dims = (((hidden.ndim - 1,), (1,)), ((), ()))
+            return jax.lax.dot_general(hidden, embedding.astype(self.dtype), dims, preferred_element_type=jnp.float32)
+        lm_head = dense(
+            self.config.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype, name="lm_head"
+        )
+        return lm_head(hidden).astype(jnp.float32)
