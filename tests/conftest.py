@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import os
 import zlib
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 import jlora
-from tests.models import MLP, Transformer
+from tests.tiny_models import MLP, Transformer
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "mix", "up_proj", "down_proj"]
 TOKENS = (jnp.arange(14).reshape(2, 7) * 5) % 11

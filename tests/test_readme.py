@@ -16,6 +16,13 @@ def test_quickstart_runs_and_learns(capsys):
     assert float(namespace["value"]) < 0.1
 
 
+def test_models_example_runs_and_answers(capsys):
+    code = re.search(r"## Models\n.*?```python\n(.*?)```", README, re.DOTALL).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "Paris" in printed
+
+
 def test_ci_runs_the_readme_test_command():
     command = (ROOT / ".ci/run").read_text().strip().splitlines()[-1]
     assert f"```bash\n{command}\n```" in README

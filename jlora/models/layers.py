@@ -37,15 +37,15 @@ def dense(
     kernel_init = nn.with_logical_partitioning(nn.initializers.normal(init_std), names)
     n_out = len(features) if isinstance(features, Sequence) else 1
     bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-n_out:])
-    common = dict(
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=kernel_init,
-        bias_init=bias_init,
-        dot_general=f32_dot_general,
-        name=name,
-    )
+    common = {
+        "use_bias": use_bias,
+        "dtype": dtype,
+        "param_dtype": param_dtype,
+        "kernel_init": kernel_init,
+        "bias_init": bias_init,
+        "dot_general": f32_dot_general,
+        "name": name,
+    }
     if isinstance(features, int) and axis == -1:
         return nn.Dense(features, **common)
     return nn.DenseGeneral(features, axis=axis, **common)

@@ -81,53 +81,51 @@ def assemble(
     missing, unknown or mis-shaped tensors, naming them.
     """
     unrolled = model.clone(scan=False)
-    example = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-    expected = flatten(
-        nn.meta.unbox(jax.eval_shape(lambda: unrolled.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))))["params"]
-    )
-    specs = jlora.kernel_specs(unrolled, example)
+    ids = jnp.zeros((1, 2), jnp.int32)
+    expected = flatten(nn.meta.unbox(jax.eval_shape(lambda: unrolled.init(jax.random.key(0), ids)))["params"])
+    specs = jlora.kernel_specs(unrolled, ids)
     fresh = tuple(fresh)
     names = {keys: _find(hf_name(keys), tensors) for keys in expected}
-    missing = [hf_name(k) for k, name in names.items() if name is None and not _is_fresh(k, fresh)]
+    missing = [hf_name(k) for k, name in names.items() if name is None and not any(str(m) in fresh for m in k)]
     if missing:
-        raise ValueError(
-            f"{source}: missing tensors {missing[:8]}{' …' if len(missing) > 8 else ''} ({len(missing)} in all)"
-        )
-    used = set(names.values())
+        raise ValueError(f"{source}: missing {_listing(missing)}")
     tied = getattr(model.config, "tie_word_embeddings", False)
-    unknown = [
-        n
-        for n in tensors
-        if n not in used and not any(re.fullmatch(p, n) for p in IGNORED) and not (tied and n == "lm_head.weight")
-    ]
+    ignored = (*IGNORED, "lm_head.weight") if tied else IGNORED
+    used = set(names.values())
+    unknown = [n for n in tensors if n not in used and not any(re.fullmatch(p, n) for p in ignored)]
     if unknown:
-        raise ValueError(
-            f"{source}: unknown tensors {unknown[:8]}{' …' if len(unknown) > 8 else ''} ({len(unknown)} in all); is this checkpoint for a {type(model).__name__}?"
-        )
+        raise ValueError(f"{source}: unknown {_listing(unknown)}; is this a checkpoint for {type(model).__name__}?")
     params = {}
     for keys, shape in expected.items():
-        name = names[keys]
-        if name is None:
-            continue
-        value = jnp.asarray(tensors[name]())
-        if keys[-1] == "kernel":
-            spec = specs[path_str(keys[:-1])]
-            n_in = math.prod(shape.shape[: spec.n_in])
-            if value.ndim != 2 or value.shape != (shape.size // n_in, n_in):
-                raise ValueError(
-                    f"{source}: tensor {name} has shape {tuple(value.shape)}, but {path_str(keys)} needs (out, in) = {(shape.size // n_in, n_in)} for its kernel {shape.shape}"
-                )
-            value = value.T
-        elif value.size != shape.size:
-            raise ValueError(
-                f"{source}: tensor {name} has shape {tuple(value.shape)}, but {path_str(keys)} needs {shape.shape}"
-            )
-        params[keys] = value.reshape(shape.shape).astype(param_dtype)
+        if names[keys] is not None:
+            params[keys] = _convert(tensors, names[keys], keys, shape.shape, specs, source).astype(param_dtype)
     if fresh:
-        initialised = flatten(nn.meta.unbox(unrolled.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"])
+        initialised = flatten(nn.meta.unbox(unrolled.init(jax.random.key(0), ids))["params"])
         params.update({k: v.astype(param_dtype) for k, v in initialised.items() if k not in params})
     params = unflatten(params)
     return stack_layers(params) if model.scan else params
+
+
+def _listing(names: list[str]) -> str:
+    return f"tensors {names[:8]}{' …' if len(names) > 8 else ''} ({len(names)} in all)"
+
+
+def _convert(tensors: Tensors, name: str, keys: tuple, shape: tuple[int, ...], specs: dict, source: str) -> jax.Array:
+    """Checkpoint tensor `name` in the layout of param `keys`: Linear weights (out, in)
+    become kernels (*in, *out); everything else is reshaped (e.g. a q bias to (heads, head_dim))."""
+    value = jnp.asarray(tensors[name]())
+    size = math.prod(shape)
+    if keys[-1] == "kernel":
+        n_in = math.prod(shape[: specs[path_str(keys[:-1])].n_in])
+        if value.shape != (size // n_in, n_in):
+            raise ValueError(
+                f"{source}: tensor {name} has shape {tuple(value.shape)}, but {path_str(keys)} needs "
+                f"(out, in) = {(size // n_in, n_in)} for its kernel {shape}"
+            )
+        value = value.T
+    elif value.size != size:
+        raise ValueError(f"{source}: tensor {name} has shape {tuple(value.shape)}, but {path_str(keys)} needs {shape}")
+    return value.reshape(shape)
 
 
 def _find(name: str, tensors: Tensors) -> str | None:
@@ -137,10 +135,6 @@ def _find(name: str, tensors: Tensors) -> str | None:
         return name
     stripped = name.split(".", 1)[1] if "." in name else name
     return stripped if stripped in tensors else None
-
-
-def _is_fresh(keys: tuple, fresh: tuple[str, ...]) -> bool:
-    return any(str(k) in fresh for k in keys)
 
 
 def stack_layers(params: dict) -> dict:
@@ -174,7 +168,8 @@ def safetensors_tensors(directory: pathlib.Path) -> Tensors:
             weight_map = dict.fromkeys(f.keys(), "model.safetensors")
     else:
         raise FileNotFoundError(
-            f"{directory}: no model.safetensors or model.safetensors.index.json (jlora reads safetensors only, never pickles)"
+            f"{directory}: no model.safetensors or model.safetensors.index.json "
+            "(jlora reads safetensors only, never pickles)"
         )
 
     def loader(name: str, file: str):

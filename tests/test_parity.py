@@ -1,0 +1,154 @@
+"""jlora's models against transformers' PyTorch models: tiny random configs, saved with
+`save_pretrained`, loaded by jlora's own loader; logits agree in float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax.numpy as jnp  # noqa: E402
+
+import jlora.models  # noqa: E402
+
+# float32 on both sides; 1e-4 leaves room for differently ordered sums over ~100 terms.
+ATOL = 1e-4
+
+LLAMA = {
+    "vocab_size": 97,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "head_dim": 8,
+    "max_position_embeddings": 64,
+}
+CASES = {
+    # GQA (4 query heads over 2 KV heads), untied embeddings, llama3 RoPE scaling
+    "llama": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        {
+            **LLAMA,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": False,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+    ),
+    # q/k/v bias, tied embeddings
+    "qwen2": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        {**LLAMA, "num_key_value_heads": 1, "tie_word_embeddings": True},
+    ),
+    # linear RoPE scaling
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        {
+            **LLAMA,
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        },
+    ),
+}
+
+
+def save(tmp_path, config_cls, model_cls, kwargs):
+    torch.manual_seed(0)
+    reference = model_cls(config_cls(**kwargs)).eval()
+    with torch.no_grad():  # random biases and norms, so that loading them is tested
+        for name, param in reference.named_parameters():
+            if name.endswith("bias") or "norm" in name.lower():
+                param.add_(0.1 * torch.randn_like(param))
+    reference.save_pretrained(tmp_path)
+    return reference
+
+
+def batch(vocab: int, padding_side: str):
+    ids = np.random.default_rng(0).integers(1, vocab, (3, 9))
+    mask = np.ones_like(ids)
+    for row, pad in ((1, 3), (2, 5)):
+        if padding_side == "left":
+            mask[row, :pad] = 0
+        else:
+            mask[row, -pad:] = 0
+    return ids, mask
+
+
+def torch_logits(reference, ids, mask, positions):
+    with torch.no_grad():
+        out = reference(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        )
+    return out.logits.numpy()
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("family", list(CASES))
+def test_causal_lm_matches_transformers(tmp_path, family, padding_side):
+    config_cls, model_cls, kwargs = CASES[family]
+    reference = save(tmp_path, config_cls, model_cls, kwargs)
+    ids, mask = batch(kwargs["vocab_size"], padding_side)
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    expected = torch_logits(reference, ids, mask, positions)
+    for scan in (False, True):
+        pretrained = jlora.models.load(tmp_path, scan=scan, tokenizer=False)
+        logits = pretrained.model.apply({"params": pretrained.params}, ids, mask, positions)
+        valid = mask.astype(bool)  # padded positions' outputs are unspecified on both sides
+        np.testing.assert_allclose(np.asarray(logits)[valid], expected[valid], atol=ATOL, rtol=0)
+
+
+def test_bert_classifier_matches_transformers(tmp_path):
+    config = transformers.BertConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    reference = save(tmp_path, lambda **k: config, transformers.BertForSequenceClassification, {})
+    ids, mask = batch(97, "right")
+    types = (np.arange(9)[None] >= 4).astype(int).repeat(3, 0)
+    with torch.no_grad():
+        expected = reference(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types)
+        ).logits.numpy()
+        hidden = reference.bert(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)
+        ).last_hidden_state.numpy()
+    outputs = {}
+    for scan in (False, True):
+        pretrained = jlora.models.load(tmp_path, head="classifier", scan=scan, tokenizer=False)
+        outputs[scan] = pretrained.model.apply({"params": pretrained.params}, ids, mask, types)
+        np.testing.assert_allclose(outputs[scan], expected, atol=ATOL, rtol=0)
+        encoder = jlora.models.BertModel(pretrained.config, scan=scan)
+        ours, _ = encoder.apply({"params": pretrained.params["bert"]}, ids, mask)
+        valid = mask.astype(bool)
+        np.testing.assert_allclose(np.asarray(ours)[valid], hidden[valid], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(outputs[False], outputs[True], atol=1e-6, rtol=0)
+
+
+def test_bfloat16_compute_stays_close_to_float32(tmp_path):
+    config_cls, model_cls, kwargs = CASES["llama"]
+    save(tmp_path, config_cls, model_cls, kwargs)
+    ids, mask = batch(kwargs["vocab_size"], "right")
+    f32 = jlora.models.load(tmp_path, tokenizer=False)
+    bf16 = jlora.models.load(tmp_path, dtype=jnp.bfloat16, tokenizer=False)
+    assert bf16.params["lm_head"]["kernel"].dtype == jnp.float32  # parameters stay float32
+    a = np.asarray(f32.model.apply({"params": f32.params}, ids, mask))
+    b = np.asarray(bf16.model.apply({"params": bf16.params}, ids, mask))
+    assert b.dtype == np.float32
+    # bf16 activations (8-bit mantissa) through 3 layers: a few percent of the logit scale
+    np.testing.assert_allclose(b[mask.astype(bool)], a[mask.astype(bool)], atol=0.05 * np.abs(a).max())
