@@ -70,7 +70,7 @@ def test_missing_unknown_and_misshaped_tensors_are_named(llama_dir, tmp_path):
         ValueError, match=r"q_proj.weight has shape \(8, 16\), but .*q_proj/kernel needs \(out, in\) = \(16, 16\)"
     ):
         jlora.models.load(misshaped, tokenizer=False)
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         jlora.models.load(tmp_path)
 
 
