@@ -50,6 +50,12 @@ CASES = {
         transformers.Qwen2ForCausalLM,
         {**LLAMA, "num_key_value_heads": 1, "tie_word_embeddings": True},
     ),
+    # a sliding window shorter than the sequence
+    "mistral-window": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        {**LLAMA, "num_key_value_heads": 2, "sliding_window": 4},
+    ),
     # linear RoPE scaling
     "mistral": (
         transformers.MistralConfig,
@@ -101,11 +107,13 @@ def test_causal_lm_matches_transformers(tmp_path, family, padding_side):
     ids, mask = batch(kwargs["vocab_size"], padding_side)
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
     expected = torch_logits(reference, ids, mask, positions)
+    valid = mask.astype(bool)  # padded positions' outputs are unspecified on both sides
+    logits = {}
     for scan in (False, True):
         pretrained = jlora.models.load(tmp_path, scan=scan, tokenizer=False)
-        logits = pretrained.model.apply({"params": pretrained.params}, ids, mask, positions)
-        valid = mask.astype(bool)  # padded positions' outputs are unspecified on both sides
-        np.testing.assert_allclose(np.asarray(logits)[valid], expected[valid], atol=ATOL, rtol=0)
+        logits[scan] = np.asarray(pretrained.model.apply({"params": pretrained.params}, ids, mask, positions))
+        np.testing.assert_allclose(logits[scan][valid], expected[valid], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(logits[True][valid], logits[False][valid], atol=1e-6, rtol=0)
 
 
 def test_bert_classifier_matches_transformers(tmp_path):
@@ -138,6 +146,26 @@ def test_bert_classifier_matches_transformers(tmp_path):
         valid = mask.astype(bool)
         np.testing.assert_allclose(np.asarray(ours)[valid], hidden[valid], atol=ATOL, rtol=0)
     np.testing.assert_allclose(outputs[False], outputs[True], atol=1e-6, rtol=0)
+
+
+def test_parameters_carry_logical_axis_names():
+    import flax.linen as nn
+    import jax
+
+    config = jlora.models.LlamaConfig(
+        vocab_size=11, hidden_size=8, intermediate_size=12, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4
+    )
+    for scan, prefix in ((False, ()), (True, ("layers",))):
+        model = jlora.models.LlamaForCausalLM(config, scan=scan)
+        boxed = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32)))
+        specs = nn.get_partition_spec(boxed)["params"]
+        layer = specs["model"]["layers" if scan else "layers_0"]
+        assert tuple(layer["self_attn"]["q_proj"]["kernel"]) == (*prefix, "embed", "heads", "head_dim")
+        assert tuple(layer["self_attn"]["k_proj"]["kernel"]) == (*prefix, "embed", "kv_heads", "head_dim")
+        assert tuple(layer["self_attn"]["o_proj"]["kernel"]) == (*prefix, "heads", "head_dim", "embed")
+        assert tuple(layer["mlp"]["down_proj"]["kernel"]) == (*prefix, "mlp", "embed")
+        assert tuple(specs["model"]["embed_tokens"]["embedding"]) == ("vocab", "embed")
+        assert tuple(specs["lm_head"]["kernel"]) == ("embed", "vocab")
 
 
 def test_bfloat16_compute_stays_close_to_float32(tmp_path):
