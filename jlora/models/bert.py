@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models.layers import attention, dense, run_layers
+from jlora.models.layers import attention, dense, norm, run_layers
 
 Dtype = Any
 
@@ -60,14 +60,7 @@ class BertConfig:
 
 
 def layer_norm(config: BertConfig, dtype: Dtype, param_dtype: Dtype, name: str = "LayerNorm") -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=config.layer_norm_eps,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-        name=name,
-    )
+    return norm(nn.LayerNorm, config.layer_norm_eps, dtype, param_dtype, name)
 
 
 class BertSelfAttention(nn.Module):

@@ -51,6 +51,14 @@ def dense(
     return nn.DenseGeneral(features, axis=axis, **common)
 
 
+def norm(kind: type[nn.RMSNorm] | type[nn.LayerNorm], epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str):
+    """An `nn.RMSNorm` or `nn.LayerNorm` whose parameters carry the ``embed`` axis name."""
+    inits = {"scale_init": nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))}
+    if kind is nn.LayerNorm:
+        inits["bias_init"] = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
+    return kind(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name, **inits)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax attention in float32 with grouped KV heads (no repeated K/V in memory).
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.models.layers import KVCache, attention, causal_mask, dense, run_layers
+from jlora.models.layers import KVCache, attention, causal_mask, dense, norm, run_layers
 
 Dtype = Any
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -112,13 +112,7 @@ def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def rms_norm(config: LlamaConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.RMSNorm:
-    return nn.RMSNorm(
-        epsilon=config.rms_norm_eps,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-        name=name,
-    )
+    return norm(nn.RMSNorm, config.rms_norm_eps, dtype, param_dtype, name)
 
 
 class LlamaAttention(nn.Module):
