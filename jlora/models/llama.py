@@ -197,7 +197,9 @@ class LlamaForCausalLM(nn.Module):
     Args of `__call__`: `input_ids` (B, T); `attention_mask` (B, T), 1 for real tokens
     (padding anywhere); `positions` (B, T), default 0..T-1 as in transformers (required
     with `decode`); `decode` uses and updates the KV cache in the ``cache`` collection
-    (see `jlora.models.generate`).
+    (see `jlora.models.generate`); `logits_last` > 0 computes logits for the last that many
+    positions only (a training loss on completions at the end of left-padded rows needs no
+    more).
     """
 
     config: LlamaConfig
@@ -206,7 +208,7 @@ class LlamaForCausalLM(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, decode: bool = False):
+    def __call__(self, input_ids, attention_mask=None, positions=None, decode: bool = False, logits_last: int = 0):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         if positions is None:
@@ -215,6 +217,8 @@ class LlamaForCausalLM(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         model = LlamaModel(self.config, self.scan, self.dtype, self.param_dtype, name="model")
         hidden = model(input_ids, attention_mask, positions, decode)
+        if logits_last:  # only the last positions' logits: the vocabulary projection is costly
+            hidden = hidden[:, -logits_last:]
         if self.config.tie_word_embeddings:
             embedding = nn.meta.unbox(model.variables["params"]["embed_tokens"]["embedding"])
             dims = (((hidden.ndim - 1,), (1,)), ((), ()))

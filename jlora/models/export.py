@@ -1,0 +1,127 @@
+"""Flax params -> a Hugging Face model directory (config.json, model.safetensors, tokenizer)
+that transformers loads: the inverse of `jlora.models.loading`."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import shutil
+import tempfile
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jlora
+from jlora.models.bert import BertConfig
+from jlora.models.llama import LlamaConfig
+from jlora.models.loading import hf_name
+from jlora.tree import flatten, path_str
+
+HF_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "bert": "BertConfig"}
+
+
+def unstack_layers(params: dict, model: nn.Module) -> dict:
+    """Scanned ``{…, layers: stacked}`` -> unrolled ``{…, layers_0: …, layers_1: …}``."""
+    unrolled = model.clone(scan=False)
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: unrolled.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))))
+    out = {}
+    for keys in flatten(shapes["params"]):
+        stacked_keys, index = [], None
+        for key in keys:
+            name, _, number = str(key).rpartition("_")
+            if index is None and number.isdigit() and name in ("layers", "layer"):
+                stacked_keys.append(name)
+                index = int(number)
+            else:
+                stacked_keys.append(key)
+        value = flatten(params)[tuple(stacked_keys)]
+        out[keys] = value if index is None else value[index]
+    return out
+
+
+def hf_config(config: LlamaConfig | BertConfig, architecture: str):
+    """The transformers config object for `config`."""
+    import transformers
+
+    common = {"vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "architectures": [architecture]}
+    if isinstance(config, BertConfig):
+        return transformers.BertConfig(
+            **common,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
+            max_position_embeddings=config.max_position_embeddings,
+            type_vocab_size=config.type_vocab_size,
+            layer_norm_eps=config.layer_norm_eps,
+            hidden_dropout_prob=config.hidden_dropout,
+            num_labels=config.num_labels,
+        )
+    rope = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
+    if config.rope_type != "default":
+        rope["factor"] = config.rope_factor
+    if config.rope_type == "llama3":
+        rope |= {
+            "low_freq_factor": config.rope_low_freq_factor,
+            "high_freq_factor": config.rope_high_freq_factor,
+            "original_max_position_embeddings": config.rope_original_max_positions,
+        }
+    extra = {} if config.model_type == "qwen2" else {"attention_bias": config.o_bias}
+    if config.model_type == "llama":
+        extra["mlp_bias"] = config.mlp_bias
+    if config.model_type == "mistral":
+        extra["sliding_window"] = config.sliding_window
+    return getattr(transformers, HF_CLASSES[config.model_type])(
+        **common,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=config.tie_word_embeddings,
+        **extra,
+    )
+
+
+def hf_tensors(model: nn.Module, params: dict) -> dict[str, np.ndarray]:
+    """``{hf name: float32 array in PyTorch's layout}`` for every parameter."""
+    flat = unstack_layers(params, model) if model.scan else flatten(params)
+    specs = jlora.kernel_specs(model.clone(scan=False), jax.ShapeDtypeStruct((1, 2), jnp.int32))
+    tensors = {}
+    for keys, value in flat.items():
+        value = np.asarray(value, np.float32)
+        if keys[-1] == "kernel":
+            n_in = math.prod(value.shape[: specs[path_str(keys[:-1])].n_in])
+            value = value.reshape(n_in, -1).T
+        elif keys[-1] != "embedding":
+            value = value.reshape(-1)
+        tensors[hf_name(keys)] = np.ascontiguousarray(value)
+    return tensors
+
+
+def save_hf(pretrained, params: dict, out: str | pathlib.Path) -> pathlib.Path:
+    """Write `params` (plain, e.g. `jlora.merge`d) of `pretrained`'s model as a Hugging Face
+    directory. Written to a temporary folder and renamed: a failure leaves nothing at `out`."""
+    from safetensors.numpy import save_file
+
+    out = pathlib.Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new folder")
+    if any(k[-1] in (jlora.tree.LORA_A, jlora.tree.LORA_B) for k in flatten(params)):
+        raise ValueError("params still hold LoRA factors; pass jlora.merge(params, config)")
+    architecture = type(pretrained.model).__name__
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf_config(pretrained.config, architecture).save_pretrained(staging)
+        save_file(hf_tensors(pretrained.model, params), staging / "model.safetensors", metadata={"format": "pt"})
+        if pretrained.tokenizer is not None:
+            pretrained.tokenizer.save_pretrained(staging)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,285 @@
+"""Training: a jitted, pure step that differentiates the adapters only, an eval step, and
+a loop with a progress bar, JSONL metrics and a loss-curve plot.
+
+The step takes ``(adapters, opt_state, base, batch, step)``: the frozen base is an
+argument that is never differentiated, `adapters` and `opt_state` are donated, and the
+batch always has the same shape (``(grad_accum, batch_size, seq_len)``), so the step
+compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jlora
+from jlora.data import Batches, Split, eval_batches
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings."""
+
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    dtype: str = "float32"
+    eval_batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+
+def schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup to the learning rate, then cosine decay to zero."""
+    warmup = min(config.warmup_steps, config.steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, config.steps)
+
+
+def make_optimizer(config: TrainConfig, lora: jlora.LoraConfig) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and the schedule, on the trainable leaves only."""
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.adamw(schedule(config), weight_decay=config.weight_decay),
+    )
+    return jlora.optimizer(tx, lora)
+
+
+# -- losses --------------------------------------------------------------------------------------
+
+
+def positions_of(mask: jax.Array) -> jax.Array:
+    """Token positions that ignore padding (left padding shifts nothing)."""
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def causal_lm_outputs(model: nn.Module, params, lora, batch: Batch, tail: int, rngs=None, deterministic=True):
+    """(per-token loss sums, token count, logits of the last `tail` positions)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = jlora.apply(
+        model, params, lora, ids, mask, positions_of(mask), logits_last=tail, rngs=rngs, deterministic=deterministic
+    )
+    targets = ids[:, -tail + 1 :] if tail > 1 else ids[:, :0]
+    weights = batch["loss_mask"][:, -tail + 1 :].astype(jnp.float32)
+    if "weight" in batch:  # padding rows of the last eval batch
+        weights = weights * batch["weight"][:, None]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+    return (losses * weights).sum(), weights.sum(), logits
+
+
+def classifier_outputs(model: nn.Module, params, lora, batch: Batch, rngs=None, deterministic=True):
+    logits = jlora.apply(
+        model, params, lora, batch["input_ids"], batch["attention_mask"], rngs=rngs, deterministic=deterministic
+    )
+    weights = batch.get("weight", jnp.ones(logits.shape[0]))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return (losses * weights).sum(), weights.sum(), logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """How a model scores a batch: its loss, and (with labels or choices) its accuracy."""
+
+    model: nn.Module
+    lora: jlora.LoraConfig
+    kind: str  # "causal" or "classifier"
+    tail: int = 0  # causal: positions whose logits the loss needs
+    choices: tuple[int, ...] = ()  # causal: first tokens of the possible completions
+
+    def loss(self, params, batch: Batch, rngs=None, deterministic=True):
+        if self.kind == "classifier":
+            return classifier_outputs(self.model, params, self.lora, batch, rngs, deterministic)
+        return causal_lm_outputs(self.model, params, self.lora, batch, self.tail, rngs, deterministic)
+
+    def correct(self, logits: jax.Array, batch: Batch) -> jax.Array | None:
+        """Weighted count of rows whose label (or completion) the model ranks first."""
+        weight = batch.get("weight", jnp.ones(logits.shape[0]))
+        if self.kind == "classifier":
+            return ((logits.argmax(-1) == batch["label"]) * weight).sum()
+        if not self.choices:
+            return None
+        seq_len = batch["input_ids"].shape[1]
+        row = batch["answer"] - 1 - (seq_len - self.tail)  # the position that predicts the answer
+        scores = jnp.take_along_axis(logits, row[:, None, None], axis=1)[:, 0][:, jnp.asarray(self.choices)]
+        return ((scores.argmax(-1) == batch["choice"]) * weight).sum()
+
+
+def task_for(pretrained, lora: jlora.LoraConfig, train: Split) -> Task:
+    if "label" in train.arrays:
+        return Task(pretrained.model, lora, "classifier")
+    loss_columns = np.flatnonzero(train.arrays["loss_mask"].any(0))
+    tail = train.arrays["input_ids"].shape[1] - int(loss_columns[0]) + 1
+    choices = tuple(int(c) for c in train.choices) if train.choices is not None else ()
+    return Task(pretrained.model, lora, "causal", tail=min(tail, train.arrays["input_ids"].shape[1]), choices=choices)
+
+
+# -- steps ---------------------------------------------------------------------------------------
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, key: jax.Array) -> Callable:
+    """``(adapters, opt_state, base, batch, step) -> (adapters, opt_state, metrics)``, jitted.
+
+    `batch` arrays are ``(grad_accum, batch_size, …)``: gradients of the summed token
+    losses accumulate over the micro-batches, then are divided by the token count, so the
+    update is the one for the mean loss over the whole batch."""
+
+    def step(adapters, opt_state, base, batch, step):
+        def micro(carry, inputs):
+            grads, loss_sum, count = carry
+            micro_batch, index = inputs
+            rngs = {"dropout": jax.random.fold_in(jax.random.fold_in(key, step), index)}
+
+            def summed(adapters):
+                loss, n, _ = task.loss(jlora.join(adapters, base), micro_batch, rngs=rngs, deterministic=False)
+                return loss, n
+
+            (loss, n), g = jax.value_and_grad(summed, has_aux=True)(adapters)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, adapters)
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batch, jnp.arange(accum)))
+        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+        updates, opt_state = tx.update(grads, opt_state, adapters)
+        metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.global_norm(grads), "tokens": count}
+        return optax.apply_updates(adapters, updates), opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval_step(task: Task) -> Callable:
+    """``(params, batch) -> sums`` of loss, token count, correct rows and rows, jitted."""
+
+    def step(params, batch):
+        loss, n, logits = task.loss(params, batch)
+        sums = {"loss": loss, "tokens": n, "rows": batch["weight"].sum()}
+        correct = task.correct(logits, batch)
+        if correct is not None:
+            sums["correct"] = correct
+        return sums
+
+    return jax.jit(step)
+
+
+def evaluate(eval_step: Callable, params, split: Split, batch_size: int, progress: bool = True) -> dict[str, float]:
+    """Mean loss and (where the task has labels) accuracy over every row of `split`."""
+    from tqdm.auto import tqdm
+
+    totals: dict[str, float] = {}
+    batches = eval_batches(split, batch_size)
+    total = -(-len(split) // batch_size)
+    for batch in tqdm(batches, total=total, desc="eval", unit="batch", disable=not progress, leave=False):
+        for name, value in eval_step(params, batch).items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    result = {"loss": totals["loss"] / max(totals["tokens"], 1.0)}
+    if "correct" in totals:
+        result["accuracy"] = totals["correct"] / totals["rows"]
+    return result
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+def shape_batch(batch: dict[str, np.ndarray], grad_accum: int) -> dict[str, np.ndarray]:
+    """(grad_accum * batch_size, …) -> (grad_accum, batch_size, …)."""
+    return {name: a.reshape(grad_accum, -1, *a.shape[1:]) for name, a in batch.items()}
+
+
+def fit(
+    task: Task,
+    adapters: Any,
+    base: Any,
+    train: Split,
+    config: TrainConfig,
+    metrics_file: pathlib.Path | None = None,
+    progress: bool = True,
+) -> tuple[Any, list[dict]]:
+    """Train `adapters` for `config.steps` steps; returns them and the per-step history."""
+    from tqdm.auto import tqdm
+
+    tx = make_optimizer(config, task.lora)
+    opt_state = tx.init(adapters)
+    step_fn = make_train_step(task, tx, jax.random.key(config.seed))
+    batches = Batches(train, config.batch_size * config.grad_accum, config.seed)
+    lr = schedule(config)
+    history = []
+    bar = tqdm(total=config.steps, desc="train", unit="step", disable=not progress)
+    start = time.perf_counter()
+    for step, batch in enumerate(batches.iterate(0, config.steps)):
+        tick = time.perf_counter()
+        adapters, opt_state, metrics = step_fn(
+            adapters, opt_state, base, shape_batch(batch, config.grad_accum), jnp.int32(step)
+        )
+        metrics = {k: float(v) for k, v in metrics.items()}
+        seconds = time.perf_counter() - tick
+        tokens = float(batch["attention_mask"].sum())
+        record = {
+            "step": step + 1,
+            "loss": metrics["loss"],
+            "lr": float(lr(step)),
+            "grad_norm": metrics["grad_norm"],
+            "tokens_per_s": tokens / seconds,
+            "elapsed_s": time.perf_counter() - start,
+            "epoch": batches.position(step)[0],
+        }
+        history.append(record)
+        _append_jsonl(metrics_file, record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update()
+    bar.close()
+    return adapters, history
+
+
+def _append_jsonl(path: pathlib.Path | None, record: dict) -> None:
+    if path is not None:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_loss(history: Iterable[dict], evals: dict[str, dict], path: pathlib.Path) -> None:
+    """A PNG of the training loss per step (and its running mean), with eval losses marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = list(history)
+    steps = [h["step"] for h in history]
+    losses = np.array([h["loss"] for h in history])
+    window = max(1, len(losses) // 20)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, alpha=0.35, label="train loss")
+    ax.plot(steps[window - 1 :], smooth, label=f"train loss, mean of {window}")
+    for name, result in evals.items():
+        x = 0 if name == "before" else steps[-1]
+        label = f"held-out loss {name}" + (f" (accuracy {result['accuracy']:.1%})" if "accuracy" in result else "")
+        ax.scatter([x], [result["loss"]], zorder=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
