@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="fine-tune a model with LoRA",
-        description="Fine-tune with LoRA. Every setting is a flag or a key of --config (sections model, scan, data, lora, train).",
+        description="Fine-tune with LoRA. Every setting is a flag or a key of --config "
+        "(sections model, scan, data, lora, train).",
     )
     train.add_argument("--config", help="YAML or JSON file with the settings; flags override it")
     _add_flags(train)

@@ -162,7 +162,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, key: jax.Array
         (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batch, jnp.arange(accum)))
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
         updates, opt_state = tx.update(grads, opt_state, adapters)
-        metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.global_norm(grads), "tokens": count}
+        metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.tree.norm(grads), "tokens": count}
         return optax.apply_updates(adapters, updates), opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))
@@ -215,7 +215,8 @@ def fit(
     metrics_file: pathlib.Path | None = None,
     progress: bool = True,
 ) -> tuple[Any, list[dict]]:
-    """Train `adapters` for `config.steps` steps; returns them and the per-step history."""
+    """Train `adapters` for `config.steps` steps; returns them and the per-step history.
+    `adapters` are donated to the step (their buffers are reused): keep no other reference."""
     from tqdm.auto import tqdm
 
     tx = make_optimizer(config, task.lora)

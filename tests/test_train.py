@@ -1,0 +1,118 @@
+"""The training step and loop on a tiny random model and a synthetic task."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+import jlora.models
+from jlora import data
+from jlora import train as training
+from tests import tiny_task
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import datasets
+
+    pretrained = jlora.models.load(tiny_task.llama_dir(tmp_path_factory.mktemp("llama")))
+    config = data.DataConfig(files=("unused",), seq_len=16)
+    split = data.encode(datasets.Dataset.from_list(tiny_task.rows(160)), pretrained.tokenizer, config)
+    lora = jlora.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"])
+    params = jlora.init(pretrained.params, lora, jax.random.key(0), specs=pretrained.kernel_specs())
+    return pretrained, lora, params, split
+
+
+def fresh_split(params, lora):
+    """(adapters, base) with adapters copied: training donates them."""
+    adapters, base = jlora.split(params, lora)
+    return jax.tree.map(jnp.copy, adapters), base
+
+
+def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(setup):
+    pretrained, lora, params, split = setup
+    adapters, base = fresh_split(params, lora)
+    frozen = jax.tree.map(np.array, base)
+    task = training.task_for(pretrained, lora, split)
+    config = training.TrainConfig(steps=150, batch_size=8, learning_rate=1e-2, warmup_steps=5)
+    trained, history = training.fit(task, adapters, base, split, config, progress=False)
+    first, last = np.mean([h["loss"] for h in history[:5]]), np.mean([h["loss"] for h in history[-5:]])
+    assert last < 0.5 * first, (first, last)
+    for before, after in zip(jax.tree.leaves(frozen), jax.tree.leaves(base), strict=True):
+        np.testing.assert_array_equal(before, after)
+    accuracy = training.evaluate(training.make_eval_step(task), jlora.join(trained, base), split, 32, False)
+    assert accuracy["accuracy"] > 0.9  # the rule is learnable: one sentiment word decides
+
+
+def test_loss_covers_the_completion_tokens_only(setup):
+    pretrained, lora, params, split = setup
+    batch = {k: jnp.asarray(v) for k, v in split.take(np.arange(4)).items()}
+    task = training.task_for(pretrained, lora, split)
+    loss, count, _ = task.loss(params, batch)
+    logits = pretrained.model.apply({"params": pretrained.params}, batch["input_ids"], batch["attention_mask"], training.positions_of(batch["attention_mask"]))
+    logp = jax.nn.log_softmax(logits[:, :-1])
+    token_logp = jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], -1)[..., 0]
+    completion = batch["loss_mask"][:, 1:].astype(bool)
+    assert int(count) == int(completion.sum()) == 4 * 2  # " positive"/" negative" and the end-of-text token
+    np.testing.assert_allclose(loss, -token_logp[completion].sum(), rtol=1e-5)
+    assert not np.isclose(loss, -token_logp[batch["attention_mask"][:, 1:].astype(bool)].sum(), rtol=1e-3)
+
+
+def test_the_train_step_compiles_once(setup):
+    pretrained, lora, params, split = setup
+    adapters, base = fresh_split(params, lora)
+    config = training.TrainConfig(steps=5, batch_size=4)
+    tx = training.make_optimizer(config, lora)
+    task = training.task_for(pretrained, lora, split)
+    step = training.make_train_step(task, tx, jax.random.key(0))
+    opt_state = tx.init(adapters)
+    batches = data.Batches(split, 4)
+    with jax.log_compiles():
+        for i in range(5):
+            adapters, opt_state, _ = step(adapters, opt_state, base, training.shape_batch(batches(i), 1), jnp.int32(i))
+    assert step._cache_size() == 1
+
+
+def test_gradient_accumulation_matches_one_big_batch(setup):
+    pretrained, lora, params, split = setup
+    adapters, base = jlora.split(params, lora)
+    task = training.task_for(pretrained, lora, split)
+    batch = data.Batches(split, 8)(0)
+    tx = optax.sgd(1.0)  # the update is the gradient: compare gradients directly
+    results = []
+    for accum in (1, 2, 4):
+        step = training.make_train_step(task, tx, jax.random.key(0))
+        new, _, metrics = step(jax.tree.map(jnp.copy, adapters), tx.init(adapters), base, training.shape_batch(batch, accum), jnp.int32(0))
+        results.append((new, float(metrics["loss"])))
+    for new, loss in results[1:]:
+        assert np.isclose(loss, results[0][1], rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(results[0][0]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_batches_are_a_pure_function_of_the_step(setup):
+    *_, split = setup
+    a, b = data.Batches(split, 8, seed=3), data.Batches(split, 8, seed=3)
+    for step in (0, 7, 25, 26):  # 20 steps per epoch: 25 and 26 are in epoch 1
+        np.testing.assert_array_equal(a(step)["input_ids"], b(step)["input_ids"])
+    epoch = np.concatenate([a(s)["input_ids"] for s in range(a.steps_per_epoch)])
+    assert len({r.tobytes() for r in epoch}) == len({r.tobytes() for r in split.arrays["input_ids"]})
+    assert not np.array_equal(a(0)["input_ids"], a(a.steps_per_epoch)["input_ids"])  # reshuffled per epoch
+    assert a.position(25) == (1, 5)
+
+
+def test_bfloat16_compute_keeps_float32_adapters_and_state(setup):
+    pretrained, lora, params, split = setup
+    model = pretrained.model.clone(dtype=jnp.bfloat16)
+    task = dataclasses.replace(training.task_for(pretrained, lora, split), model=model)
+    adapters, base = fresh_split(params, lora)
+    config = training.TrainConfig(steps=3, batch_size=8, dtype="bfloat16")
+    trained, history = training.fit(task, adapters, base, split, config, progress=False)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(trained))
+    assert np.isfinite([h["loss"] for h in history]).all()

@@ -1,0 +1,70 @@
+"""A tiny word-level tokenizer, a tiny random Llama checkpoint and a synthetic sentiment
+task, all built in-process (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import csv
+import pathlib
+
+import numpy as np
+
+POSITIVE = ["good", "great", "fine", "lovely"]
+NEGATIVE = ["bad", "awful", "poor", "dull"]
+FILLER = ["the", "movie", "was", "plot", "acting", "and", "very", "quite"]
+WORDS = ["Review", "Sentiment", ":", "positive", "negative", *POSITIVE, *NEGATIVE, *FILLER]
+
+
+def tokenizer():
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def rows(n: int, seed: int = 0) -> list[dict]:
+    """Reviews of filler words and one sentiment word; the label follows the sentiment word."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        positive = bool(rng.integers(2))
+        words = list(rng.choice(FILLER, rng.integers(2, 6)))
+        words.insert(int(rng.integers(len(words) + 1)), str(rng.choice(POSITIVE if positive else NEGATIVE)))
+        out.append({"text": " ".join(words), "label": "positive" if positive else "negative"})
+    return out
+
+
+def write_csv(path: pathlib.Path, n: int = 240) -> pathlib.Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows(n))
+    return path
+
+
+def llama_dir(path: pathlib.Path) -> pathlib.Path:
+    """A random 2-layer Llama with the tiny tokenizer, saved as a Hugging Face directory."""
+    import torch
+    import transformers
+
+    tok = tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.15,  # larger than HF's 0.02, so a random 2-layer model carries its input through
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
