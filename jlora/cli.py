@@ -81,6 +81,7 @@ TRAIN_FLAGS = {
         f"preset name, Hugging Face model directory or .gguf file (default {DEFAULT_MODEL})",
     ),
     "--data": ("data", "files", "list", "data files (csv, tsv, json, jsonl, txt, parquet); default: Rotten Tomatoes"),
+    "--format": ("data", "format", str, "data format when the suffix does not say: csv, tsv, json, text, parquet"),
     "--task": ("data", "task", str, "completion (prompt -> completion), text (language modelling) or classification"),
     "--prompt": ("data", "prompt", str, "prompt template over columns (default 'Review: {text}\\nSentiment:')"),
     "--completion": ("data", "completion", str, "completion template over columns (default ' {label}')"),

@@ -26,7 +26,15 @@ import numpy as np
 
 from jlora.models.presets import locate
 
-FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
+# format -> (datasets builder, its options)
+BUILDERS = {
+    "csv": ("csv", {}),
+    "tsv": ("csv", {"delimiter": "\t"}),
+    "json": ("json", {}),
+    "text": ("text", {}),
+    "parquet": ("parquet", {}),
+}
 TASKS = ("completion", "text", "classification")
 ROTTEN_TOMATOES = "rotten-tomatoes"
 
@@ -36,6 +44,7 @@ class DataConfig:
     """Where the data is and how to turn it into sequences."""
 
     files: tuple[str, ...] = (ROTTEN_TOMATOES,)
+    format: str | None = None  # csv, tsv, json, text or parquet; None: from the file suffix
     task: str = "completion"
     prompt: str = "Review: {text}\nSentiment:"
     completion: str = " {label}"
@@ -46,6 +55,8 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.format is not None and self.format not in BUILDERS:
+            raise ValueError(f"data format must be one of {sorted(BUILDERS)}, got {self.format!r}")
         if self.task not in TASKS:
             raise ValueError(f"data task must be one of {TASKS}, got {self.task!r}")
         if self.seq_len < 2:
@@ -88,13 +99,14 @@ def read(config: DataConfig):
     if missing:
         raise FileNotFoundError(f"data files not found: {missing}")
     suffixes = {p.suffix.lower() for p in paths}
-    if len(suffixes) != 1 or next(iter(suffixes)) not in FORMATS:
-        raise ValueError(f"data files must share one of the formats {sorted(FORMATS)}, got {sorted(suffixes)}")
-    suffix = suffixes.pop()
-    options = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    if config.format is None and (len(suffixes) != 1 or next(iter(suffixes)) not in FORMATS):
+        raise ValueError(
+            f"data files must share one of the suffixes {sorted(FORMATS)}, got {sorted(suffixes)}; or pass a format"
+        )
+    builder, options = BUILDERS[config.format or FORMATS[suffixes.pop()]]
     empty = ValueError(f"data files {list(config.files)} hold no rows")
     try:
-        table = datasets.load_dataset(FORMATS[suffix], data_files=[str(p) for p in paths], split="train", **options)
+        table = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train", **options)
     except ValueError as err:  # datasets' words for a file with a header and no rows
         if "corresponds to no data" in str(err):
             raise empty from None

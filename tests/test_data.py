@@ -76,3 +76,19 @@ def test_eval_batches_cover_every_row_once_in_few_shapes(tok):
     for b in batches:  # cropping keeps every real token and the answer position
         assert (b["attention_mask"].sum(1) <= b["input_ids"].shape[1]).all()
         assert (b["loss_mask"][np.arange(8), b["answer"]] == 1).all()
+
+
+def test_formats_from_suffix_or_flag(tmp_path):
+    import json
+
+    rows = tiny_task.rows(5)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "b.tsv").write_text("text\tlabel\n" + "\n".join(f"{r['text']}\t{r['label']}" for r in rows))
+    (tmp_path / "c.data").write_text((tmp_path / "a.jsonl").read_text())
+    for name, fmt in (("a.jsonl", None), ("b.tsv", None), ("c.data", "json")):
+        table = data.read(data.DataConfig(files=(str(tmp_path / name),), format=fmt))
+        assert table["label"] == [r["label"] for r in rows], name
+    with pytest.raises(ValueError, match=r"suffixes .* got \['.data'\]; or pass a format"):
+        data.read(data.DataConfig(files=(str(tmp_path / "c.data"),)))
+    with pytest.raises(ValueError, match="data format must be one of"):
+        data.DataConfig(format="xlsx")

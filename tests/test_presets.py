@@ -69,3 +69,20 @@ def test_minilm_hidden_states_match_transformers():
     # float32 both sides, 6 layers of 384-wide sums
     np.testing.assert_allclose(np.asarray(hidden)[valid], out.last_hidden_state.numpy()[valid], atol=1e-4, rtol=0)
     np.testing.assert_allclose(pooled, out.pooler_output.numpy(), atol=1e-4, rtol=0)
+
+
+def test_gguf_tokenizer_matches_transformers_without_torch(smollm2):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")  # transformers' own GGUF reader needs torch; jlora's does not
+    path = jlora.models.locate("smollm2-135m-instruct")
+    reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    chat = [{"role": "user", "content": "Ünïcode, 123 numbers\tand tabs!"}]
+    texts = [
+        smollm2.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+        "Review: The Rock is destined to be the 21st Century's new ''Conan''\nSentiment:",
+        " positive",
+    ]
+    assert texts[0] == reference.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    for text in texts:
+        assert smollm2.tokenizer(text)["input_ids"] == reference(text)["input_ids"], text
+    assert smollm2.tokenizer.eos_token == reference.eos_token == "<|im_end|>"

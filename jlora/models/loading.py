@@ -315,9 +315,26 @@ def load_gguf(
     config = gguf_config(reader)
     model = build_model(config, head=None, scan=scan, dtype=dtype, param_dtype=param_dtype)
     params = assemble(model, gguf_tensors(reader, config), param_dtype=param_dtype, source=str(path))
-    tok = None
-    if tokenizer:
-        from transformers import AutoTokenizer
+    return Pretrained(model, params, config, gguf_tokenizer(reader) if tokenizer else None, str(path))
 
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    return Pretrained(model, params, config, tok, str(path))
+
+def gguf_tokenizer(reader):
+    """The tokenizer (and chat template) a GGUF file's metadata describes.
+
+    transformers' own ``from_pretrained(gguf_file=...)`` reads the file with torch; here
+    the `gguf` package reads the metadata and transformers' converter builds the fast
+    tokenizer from it, so no torch is needed."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    metadata = {name: field.contents() for name, field in reader.fields.items() if name.startswith("tokenizer.")}
+    grouped = {
+        group: {new: metadata[f"tokenizer.{old}"] for old, new in renames.items() if f"tokenizer.{old}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    settings, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    for name in ("bos", "eos", "unk", "pad"):
+        token_id = settings.get(f"{name}_token_id")
+        config[f"{name}_token"] = settings["tokens"][token_id] if token_id is not None else None
+    backend, _ = convert_gguf_tokenizer(reader.fields["general.architecture"].contents(), settings)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config)
