@@ -12,7 +12,7 @@ from jlora.models.bert import BertConfig, BertForSequenceClassification, BertMod
 from jlora.models.generate import generate, sample
 from jlora.models.layers import init_cache
 from jlora.models.llama import LlamaConfig, LlamaForCausalLM
-from jlora.models.loading import Pretrained, assemble, load_gguf, load_hf
+from jlora.models.loading import Pretrained, assemble, hf_module_name, load_gguf, load_hf
 from jlora.models.presets import PRESETS, locate
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "Pretrained",
     "assemble",
     "generate",
+    "hf_module_name",
     "init_cache",
     "load",
     "load_gguf",

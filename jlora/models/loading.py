@@ -59,6 +59,15 @@ def hf_name(keys: tuple) -> str:
     return ".".join([*modules, LEAF_NAMES[leaf]])
 
 
+def hf_module_name(keys: tuple, layer: int | None = None) -> str:
+    """The Hugging Face module name of a jlora module path (for `jlora.peft`): for a scanned
+    stack (``model/layers/self_attn/q_proj``), `layer` is put in (``model.layers.3.…``)."""
+    name = hf_name((*keys, "bias")).removesuffix(".bias")
+    if layer is None:
+        return name
+    return re.sub(r"(^|\.)(layers?)\.(?!\d)", rf"\g<1>\g<2>.{layer}.", name, count=1)
+
+
 def build_model(config: LlamaConfig | BertConfig, *, head: str | None, scan: bool, dtype, param_dtype) -> nn.Module:
     kw = {"scan": scan, "dtype": dtype, "param_dtype": param_dtype}
     if isinstance(config, LlamaConfig):
@@ -142,7 +151,7 @@ def stack_layers(params: dict) -> dict:
     out = {}
     numbered: dict[str, list] = {}
     for key, value in params.items():
-        match = re.fullmatch(r"(.+)_(\d+)", str(key))
+        match = re.fullmatch(r"(layers?)_(\d+)", str(key))
         if match and isinstance(value, dict):
             numbered.setdefault(match.group(1), []).append((int(match.group(2)), value))
         else:
