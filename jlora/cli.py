@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SmolLM2-135M-Instruct on Rotten Tomatoes sentiment in a few minutes on a CPU.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,merge}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,merge,export-peft}")
     train = sub.add_parser(
         "train",
         help="fine-tune a model with LoRA",
@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
+
+    export = sub.add_parser("export-peft", help="write a run's adapters in the Hugging Face PEFT format")
+    export.add_argument("run", help="run folder")
+    export.add_argument("out", help="new folder for adapter_config.json + adapter_model.safetensors")
 
     merge = sub.add_parser("merge", help="write base + adapters as one Hugging Face model directory")
     merge.add_argument("--adapter", required=True, help="run folder")
@@ -266,6 +270,7 @@ def cmd_train(args) -> int:
     evals["after"] = training.evaluate(eval_step, params, held_out, run.train.eval_batch_size, not args.quiet)
     _report("after", evals["after"], metrics_file)
     save_adapters(out / "adapters", adapters)
+    export_peft(run, pretrained, params, out / "peft")
     training.plot_loss(history, evals, out / "loss.png")
     result = {
         "accuracy_before": evals["before"].get("accuracy"),
@@ -291,6 +296,22 @@ def _report(name: str, result: dict, metrics_file: pathlib.Path) -> None:
     print(text)
     with metrics_file.open("a") as f:
         f.write(json.dumps({"eval": name, **result}) + "\n")
+
+
+def export_peft(run: Run, pretrained, params, out: pathlib.Path) -> pathlib.Path:
+    """The run's adapters as a Hugging Face PEFT directory (peft, vLLM and TGI load it)."""
+    import jlora.peft
+    from jlora.models import PRESETS, hf_module_name
+
+    preset = PRESETS.get(run.model)
+    return jlora.peft.export(
+        params,
+        run.lora,
+        out,
+        hf_module_name,
+        task_type="SEQ_CLS" if run.data.task == "classification" else "CAUSAL_LM",
+        base_model_name_or_path=preset.hub_id if preset else run.model,
+    )
 
 
 def save_adapters(path: pathlib.Path, adapters) -> None:
@@ -382,7 +403,20 @@ def cmd_merge(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge}
+def cmd_export_peft(args) -> int:
+    run, pretrained, params, _, _ = load_run(args.run)
+    out = export_peft(run, pretrained, params, pathlib.Path(args.out))
+    print(f"wrote {out}/ (adapter_config.json, adapter_model.safetensors)")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "merge": cmd_merge,
+    "export-peft": cmd_export_peft,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

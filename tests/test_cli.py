@@ -47,7 +47,7 @@ def trained_run(files, tmp_path_factory):
 
 def test_train_writes_a_complete_run_and_learns(trained_run):
     names = {p.name for p in trained_run.iterdir()}
-    assert {"run.json", "metrics.jsonl", "loss.png", "adapters", "results.json"} <= names
+    assert {"run.json", "metrics.jsonl", "loss.png", "adapters", "peft", "results.json"} <= names
     results = json.loads((trained_run / "results.json").read_text())
     assert results["accuracy_after"] >= 0.9 > results["accuracy_before"]
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
@@ -81,6 +81,29 @@ def test_merge_writes_a_model_transformers_loads(trained_run, tmp_path):
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(ours)[valid], theirs[valid], atol=1e-4, rtol=0)  # float32 both sides
     assert cli.main(["merge", "--adapter", str(trained_run), "--out", str(out)]) == 2  # never over an existing folder
+
+
+def test_the_run_folder_holds_a_peft_export_peft_loads(trained_run, files, tmp_path):
+    peft = pytest.importorskip("peft")
+    model_dir, _ = files
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    adapted = peft.PeftModel.from_pretrained(base, trained_run / "peft").eval()
+    run, pretrained, params, _, held_out = cli.load_run(str(trained_run))
+    import jlora
+
+    ids, mask = held_out.arrays["input_ids"][:4], held_out.arrays["attention_mask"][:4]
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    ours = jlora.apply(pretrained.model, params, run.lora, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions))
+    with torch.no_grad():
+        theirs = adapted(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        ).logits.numpy()
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[valid], theirs[valid], atol=1e-4, rtol=0)
+    assert cli.main(["export-peft", str(trained_run), str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == (
+        trained_run / "peft" / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def error_of(capsys, *args) -> str:

