@@ -64,22 +64,25 @@ def test_eval_and_generate_use_the_adapters(trained_run, capsys):
         assert capsys.readouterr().out.split()[0] == label
 
 
-def test_merge_writes_a_model_transformers_loads(trained_run, tmp_path):
-    out = tmp_path / "merged"
-    assert cli.main(["merge", "--adapter", str(trained_run), "--out", str(out)]) == 0
-    reference = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    run, pretrained, params, _, held_out = cli.load_run(str(trained_run))
+def assert_same_logits(run_folder, torch_model):
+    """jlora's factored logits of the run equal `torch_model`'s on held-out rows (float32: 1e-4)."""
     import jlora
 
+    run, pretrained, params, _, held_out = cli.load_run(str(run_folder))
     ids, mask = held_out.arrays["input_ids"][:4], held_out.arrays["attention_mask"][:4]
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
     ours = jlora.apply(pretrained.model, params, run.lora, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions))
     with torch.no_grad():
-        theirs = reference(
-            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
-        ).logits.numpy()
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        theirs = torch_model(**{k: torch.tensor(v) for k, v in inputs.items()}).logits.numpy()
     valid = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(ours)[valid], theirs[valid], atol=1e-4, rtol=0)  # float32 both sides
+    np.testing.assert_allclose(np.asarray(ours)[valid], theirs[valid], atol=1e-4, rtol=0)
+
+
+def test_merge_writes_a_model_transformers_loads(trained_run, tmp_path):
+    out = tmp_path / "merged"
+    assert cli.main(["merge", "--adapter", str(trained_run), "--out", str(out)]) == 0
+    assert_same_logits(trained_run, transformers.AutoModelForCausalLM.from_pretrained(out).eval())
     assert cli.main(["merge", "--adapter", str(trained_run), "--out", str(out)]) == 2  # never over an existing folder
 
 
@@ -87,19 +90,7 @@ def test_the_run_folder_holds_a_peft_export_peft_loads(trained_run, files, tmp_p
     peft = pytest.importorskip("peft")
     model_dir, _ = files
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
-    adapted = peft.PeftModel.from_pretrained(base, trained_run / "peft").eval()
-    run, pretrained, params, _, held_out = cli.load_run(str(trained_run))
-    import jlora
-
-    ids, mask = held_out.arrays["input_ids"][:4], held_out.arrays["attention_mask"][:4]
-    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
-    ours = jlora.apply(pretrained.model, params, run.lora, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions))
-    with torch.no_grad():
-        theirs = adapted(
-            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
-        ).logits.numpy()
-    valid = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(ours)[valid], theirs[valid], atol=1e-4, rtol=0)
+    assert_same_logits(trained_run, peft.PeftModel.from_pretrained(base, trained_run / "peft").eval())
     assert cli.main(["export-peft", str(trained_run), str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == (
         trained_run / "peft" / "adapter_model.safetensors"

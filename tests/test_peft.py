@@ -9,6 +9,7 @@ import jlora
 import jlora.models
 import jlora.peft
 from jlora.models import hf_module_name
+from tests import tiny_task
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -20,18 +21,7 @@ IDS = np.array([[5, 9, 2, 7, 11, 3], [4, 4, 8, 1, 6, 2]])
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    config = transformers.LlamaConfig(
-        vocab_size=23,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return tiny_task.hf_llama(tmp_path_factory.mktemp("llama"), vocab_size=23)
 
 
 def peft_logits(base_dir, adapter_dir):

@@ -46,25 +46,36 @@ def write_csv(path: pathlib.Path, n: int = 240) -> pathlib.Path:
     return path
 
 
-def llama_dir(path: pathlib.Path) -> pathlib.Path:
-    """A random 2-layer Llama with the tiny tokenizer, saved as a Hugging Face directory."""
+def hf_llama(path: pathlib.Path, **overrides) -> pathlib.Path:
+    """A random Llama saved by transformers (2 layers, GQA 4 -> 2 heads, untied)."""
     import torch
     import transformers
 
+    config = {
+        "vocab_size": 53,
+        "hidden_size": 16,
+        "intermediate_size": 24,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": False,
+    }
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, **overrides})).save_pretrained(path)
+    return path
+
+
+def llama_dir(path: pathlib.Path) -> pathlib.Path:
+    """`hf_llama` with the tiny tokenizer, wide enough to learn the synthetic task."""
     tok = tokenizer()
-    config = transformers.LlamaConfig(
+    hf_llama(
+        path,
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         initializer_range=0.15,  # larger than HF's 0.02, so a random 2-layer model carries its input through
     )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
