@@ -80,3 +80,36 @@ def test_unsupported_fields_and_unknown_modules_are_named(llama, tmp_path):
     (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False, "bias": "all"}))
     with pytest.raises(ValueError, match="bias='all' is not supported"):
         jlora.peft.load(tmp_path / "dora", pretrained.params, hf_module_name)
+
+
+def test_bert_classifier_export_with_modules_to_save_loads_in_peft(tmp_path):
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=20, num_labels=3
+    )
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    pretrained = jlora.models.load(tmp_path / "bert", head="classifier", tokenizer=False)
+    lora = jlora.LoraConfig(r=2, alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+    params = jlora.init(pretrained.params, lora, jax.random.key(0), specs=pretrained.kernel_specs())
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: (
+            x + 0.3 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+            if p[-1].key == "lora_b" or p[0].key == "classifier"
+            else x
+        ),
+        params,
+    )
+    out = jlora.peft.export(params, lora, tmp_path / "adapter", hf_module_name, task_type="SEQ_CLS")
+    ids = np.array([[2, 7, 9, 4, 0, 0], [3, 5, 8, 1, 6, 2]])
+    mask = (ids > 0).astype(int)
+    ours = jlora.apply(pretrained.model, params, lora, jnp.asarray(ids), jnp.asarray(mask))
+    base = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "bert")
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)  # adapters and the trained head both arrive
+    loaded, imported = jlora.peft.load(out, pretrained.params, hf_module_name)
+    assert imported.modules_to_save == ("classifier",)
+    np.testing.assert_allclose(
+        jlora.apply(pretrained.model, loaded, imported, jnp.asarray(ids), jnp.asarray(mask)), ours, atol=1e-5
+    )
