@@ -151,13 +151,15 @@ def re_exact(name: str) -> str:
 
 
 def _saved_tensors(keys: tuple, value: np.ndarray, module_names: ModuleNames) -> dict[str, np.ndarray]:
-    name = f"{PREFIX}{module_names(keys[:-1], None)}"
+    """A `modules_to_save` parameter in PyTorch's layout: kernels transposed, embeddings as
+    they are, everything else (biases, norm scales) flat."""
     if keys[-1] == "kernel":
         if value.ndim != 2:
             raise ValueError(f"{path_str(keys)}: modules_to_save export handles 2-D kernels, got {value.shape}")
-        return {f"{name}.weight": np.ascontiguousarray(value.T)}
-    leaf = {"scale": "weight", "embedding": "weight"}.get(str(keys[-1]), str(keys[-1]))
-    return {f"{name}.{leaf}": np.ascontiguousarray(value.reshape(-1) if leaf != "weight" or value.ndim == 1 else value)}
+        value = value.T
+    elif keys[-1] != "embedding":
+        value = value.reshape(-1)
+    return {f"{PREFIX}{module_names(keys[:-1], None)}.{_leaf_name(keys[-1])}": np.ascontiguousarray(value)}
 
 
 def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleNames) -> tuple[dict, LoraConfig]:
