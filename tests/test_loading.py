@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 import jlora
 import jlora.models
 from jlora.models import presets
+from tests import tiny_task
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -22,18 +23,7 @@ PEFT_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    config = transformers.LlamaConfig(
-        vocab_size=53,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return tiny_task.hf_llama(tmp_path_factory.mktemp("llama"))
 
 
 def test_sharded_checkpoint_loads_like_a_single_file(llama_dir, tmp_path):
