@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -47,13 +47,14 @@ def _dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-@contextlib.contextmanager
-def intercept(config: LoraConfig, *, deterministic: bool = True) -> Iterator[set[str]]:
-    """Within this context, `model.apply` computes adapted layers factored.
+Branch = Callable[[nn.Module, jax.Array, jax.Array, jax.Array, str | None], jax.Array]
 
-    Yields the set of module paths whose adapters were applied, filled as the model runs;
-    use it with your own ``model.apply`` calls, or call `apply`, which checks it.
-    """
+
+@contextlib.contextmanager
+def adding(branch: Branch) -> Iterator[set[str]]:
+    """Within this context, every Dense / DenseGeneral / Einsum call whose scope holds
+    adapters returns ``y + branch(module, x, lora_a, lora_b, einsum_str)``. Yields the set
+    of module paths reached, filled as the model runs."""
     applied: set[str] = set()
 
     def interceptor(next_fun, args, kwargs, context):
@@ -68,14 +69,37 @@ def intercept(config: LoraConfig, *, deterministic: bool = True) -> Iterator[set
         x = args[0] if args else kwargs["inputs"]
         einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
         a, b = module.get_variable("params", LORA_A), module.get_variable("params", LORA_B)
-        path = "/".join(module.path)
-        if not deterministic and config.dropout > 0:
-            x = _dropout(module, x, config.dropout)
-        delta = lora_branch(module, x, a, b, einsum_str)
-        applied.add(path)
-        return y + (config.scale(path, a.shape[-1]) * delta).astype(y.dtype)
+        applied.add("/".join(module.path))
+        return y + branch(module, x, a, b, einsum_str).astype(y.dtype)
 
     with nn.intercept_methods(interceptor):
+        yield applied
+
+
+def check_applied(params: PyTree, applied: set[str], kwargs: dict) -> None:
+    """Raise if an adapter in `params` was never reached by a call of the model's ``__call__``."""
+    missed = sorted({path_str(keys) for keys in adapted_modules(params)} - applied)
+    if missed and "method" not in kwargs:
+        raise ValueError(
+            f"apply: adapters on {missed} were never applied: jlora intercepts "
+            "nn.Dense / nn.DenseGeneral / nn.Einsum calls, and these modules are not one or were not called"
+        )
+
+
+@contextlib.contextmanager
+def intercept(config: LoraConfig, *, deterministic: bool = True) -> Iterator[set[str]]:
+    """Within this context, `model.apply` computes adapted layers factored.
+
+    Yields the set of module paths whose adapters were applied, filled as the model runs;
+    use it with your own ``model.apply`` calls, or call `apply`, which checks it.
+    """
+
+    def branch(module, x, a, b, einsum_str):
+        if not deterministic and config.dropout > 0:
+            x = _dropout(module, x, config.dropout)
+        return config.scale("/".join(module.path), a.shape[-1]) * lora_branch(module, x, a, b, einsum_str)
+
+    with adding(branch) as applied:
         yield applied
 
 
@@ -114,10 +138,5 @@ def apply(
         kwargs["deterministic"] = deterministic
     with intercept(config, deterministic=deterministic) as applied:
         out = model.apply({**(variables or {}), "params": params}, *args, rngs=rngs, **kwargs)
-    missed = sorted({path_str(keys) for keys in adapted_modules(params)} - applied)
-    if missed and "method" not in kwargs:
-        raise ValueError(
-            f"apply: adapters on {missed} were never applied: jlora intercepts "
-            "nn.Dense / nn.DenseGeneral / nn.Einsum calls, and these modules are not one or were not called"
-        )
+    check_applied(params, applied, kwargs)
     return out

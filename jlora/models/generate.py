@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora import multi
 from jlora.apply import intercept
 from jlora.config import LoraConfig
 from jlora.models.layers import init_cache
@@ -47,12 +48,16 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     lora: LoraConfig | None = None,
+    adapter_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Continue each prompt by `max_new_tokens` tokens; returns them, (B, max_new_tokens).
 
     Prompts may be padded on either side (`attention_mask` 1 on real tokens). After a
     sequence emits `eos_token_id` it emits `pad_token_id`. With `lora`, `params` hold
-    adapters and they are applied factored; merged params need no `lora`.
+    adapters and they are applied factored; merged params need no `lora`. With
+    `adapter_ids` (B,), `params` hold a `jlora.multi.stack`-ed tree and prompt i is
+    continued with adapter ``adapter_ids[i]`` (-1: the base); the ids are data, so any mix
+    reuses the compiled program.
     """
     batch, length = input_ids.shape
     if attention_mask is None:
@@ -61,8 +66,13 @@ def generate(
         key = jax.random.key(0)
     cache = init_cache(model, batch, length + max_new_tokens)
 
+    def adapters():
+        if adapter_ids is not None:
+            return multi.intercept(adapter_ids)
+        return intercept(lora) if lora is not None else contextlib.nullcontext()
+
     def forward(cache, ids, mask, positions):
-        with intercept(lora) if lora is not None else contextlib.nullcontext():
+        with adapters():
             logits, state = model.apply(
                 {"params": params, "cache": cache}, ids, mask, positions, decode=True, mutable=["cache"]
             )
