@@ -254,14 +254,16 @@ class Batches:
         """(epoch, batch within the epoch) of `step`."""
         return divmod(step, self.steps_per_epoch)
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
+    def __call__(self, step: int, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The batch of `step`, or only its `rows` (a multi-host process reads its own)."""
         epoch, k = self.position(step)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
-        return self.split.take(order[k * self.batch_size : (k + 1) * self.batch_size])
+        index = order[k * self.batch_size : (k + 1) * self.batch_size]
+        return self.split.take(index if rows is None else index[rows])
 
-    def iterate(self, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
+    def iterate(self, start: int, stop: int, rows: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
         for step in range(start, stop):
-            yield self(step)
+            yield self(step, rows)
 
 
 def eval_batches(split: Split, batch_size: int, multiple: int = 16) -> Iterator[dict[str, Any]]:

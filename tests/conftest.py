@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 import zlib
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
+# 8 simulated CPU devices, for sharded checkpoints and steps; unsharded code uses the first
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+).strip()
+# one persistent compilation cache for the test processes and the runs they start: the
+# same tiny models compile once (entries are keyed by program, flags and devices)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jlora-test-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +56,22 @@ def build(scan: bool, dtype=None, **config):
 @pytest.fixture(params=[False, True], ids=["unrolled", "scanned"])
 def transformer(request):
     return build(request.param)
+
+
+@pytest.fixture
+def fresh_compiles():
+    """Compile afresh, bypassing the persistent cache. On jaxlib 0.10.2 an XLA:CPU executable
+    with cross-device collectives that is loaded back from that cache can deadlock in its
+    all-reduce rendezvous (6 of 8 host devices arrive, XLA aborts after 40 s), so the tests
+    that run programs over a mesh compile them in-process."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
 
 
 @pytest.fixture
