@@ -1,7 +1,8 @@
-"""The ``jlora`` command: train, eval, generate, merge.
+"""The ``jlora`` command: train, eval, generate, merge, export-peft, import-peft.
 
 jlora train                        # SmolLM2-135M-Instruct on Rotten Tomatoes sentiment
 jlora train --config run.yaml --steps 300 --out runs/mine
+jlora train --resume runs/mine     # after a crash or preemption: continue from the last checkpoint
 jlora eval --adapter runs/default
 jlora generate --adapter runs/default --input "A gorgeous, witty, seductive movie."
 jlora merge --adapter runs/default --out merged-model
@@ -21,6 +22,7 @@ from typing import Any
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_OUT = "runs/default"
 RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
 
 
 @dataclasses.dataclass
@@ -102,17 +104,23 @@ TRAIN_FLAGS = {
     "--weight-decay": ("train", "weight_decay", float, "AdamW weight decay (default 0)"),
     "--dtype": ("train", "dtype", str, "compute dtype: float32 or bfloat16 (parameters stay float32)"),
     "--seed": ("train", "seed", int, "seed for adapters, shuffling and dropout"),
+    "--checkpoint-every": ("train", "checkpoint_every", int, "steps between checkpoints (default 50, and the last)"),
+    "--keep-checkpoints": ("train", "keep_checkpoints", int, "how many recent checkpoints to keep (default 2)"),
 }
+
+
+def _add_flag(parser: argparse.ArgumentParser, flag: str, kind, text: str) -> None:
+    if kind == "list":
+        parser.add_argument(flag, nargs="+", help=text)
+    elif kind == "ints":
+        parser.add_argument(flag, nargs="+", type=int, help=text)
+    else:
+        parser.add_argument(flag, type=kind, help=text)
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
     for flag, (_, _, kind, text) in TRAIN_FLAGS.items():
-        if kind == "list":
-            parser.add_argument(flag, nargs="+", help=text)
-        elif kind == "ints":
-            parser.add_argument(flag, nargs="+", type=int, help=text)
-        else:
-            parser.add_argument(flag, type=kind, help=text)
+        _add_flag(parser, flag, kind, text)
     parser.add_argument(
         "--scan",
         action=argparse.BooleanOptionalAction,
@@ -127,7 +135,7 @@ def run_from_args(args: argparse.Namespace) -> Run:
     if getattr(args, "config", None):
         settings = _read_config(pathlib.Path(args.config))
     for flag, (section, field, _, _) in TRAIN_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"), None)
+        value = _flag(args, flag)
         if value is not None:
             (settings.setdefault(section, {}) if section else settings)[field] = value
     if args.scan is not None:
@@ -136,6 +144,10 @@ def run_from_args(args: argparse.Namespace) -> Run:
     if unknown:
         raise ValueError(f"unknown config sections {unknown}; known: model, scan, data, lora, train")
     return Run(**settings)
+
+
+def _flag(args: argparse.Namespace, flag: str):
+    return getattr(args, flag[2:].replace("-", "_"), None)
 
 
 def _read_config(path: pathlib.Path) -> dict:
@@ -153,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         "SmolLM2-135M-Instruct on Rotten Tomatoes sentiment in a few minutes on a CPU.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,merge,export-peft}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,eval,generate,merge,export-peft,import-peft}"
+    )
     train = sub.add_parser(
         "train",
         help="fine-tune a model with LoRA",
@@ -164,19 +178,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(train)
     train.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT})")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue the run in this folder from its last complete checkpoint, with the settings of its run.json",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--mesh",
+        help="shard training over a device mesh, e.g. data=2,fsdp=2,tensor=2 or fsdp=-1 (-1: the rest of the "
+        "devices); default: one device",
+    )
+    train.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process job (jax.distributed.initialize; detects Cloud TPU, SLURM, MPI, Kubernetes)",
+    )
+    train.add_argument("--coordinator", help="host:port of process 0 (implies --distributed)")
+    train.add_argument("--num-processes", type=int, help="processes in the job (with --coordinator)")
+    train.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
 
     evaluate = sub.add_parser("eval", help="held-out loss and accuracy of a run (or of a model zero-shot)")
     evaluate.add_argument("--adapter", help="run folder whose adapters to evaluate")
     evaluate.add_argument("--model", help="evaluate this model without adapters (zero-shot)")
     evaluate.add_argument("--quiet", action="store_true")
 
-    generate = sub.add_parser("generate", help="generate text, with a run's adapters applied")
-    generate.add_argument("--adapter", help="run folder whose adapters to apply")
+    generate = sub.add_parser(
+        "generate", help="generate text with adapters applied: several adapters over one base, in one batch"
+    )
+    generate.add_argument(
+        "--adapter",
+        action="append",
+        help="run folder or PEFT directory; repeat to serve several from one loaded base (each prompt runs "
+        "with every adapter, or as --prompts says)",
+    )
     generate.add_argument("--model", help="model without adapters (default: the run's, or the default preset)")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt, as is (or chat-templated with --chat)")
     source.add_argument("--input", help="text filled into the run's prompt template, e.g. a review")
+    source.add_argument(
+        "--prompts",
+        help='JSONL file, a row per line: {"adapter": "<an --adapter path or base>", "prompt" or "input": "..."}',
+    )
     generate.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
@@ -191,6 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export-peft", help="write a run's adapters in the Hugging Face PEFT format")
     export.add_argument("run", help="run folder")
     export.add_argument("out", help="new folder for adapter_config.json + adapter_model.safetensors")
+
+    imports = sub.add_parser(
+        "import-peft",
+        help="turn a Hugging Face PEFT adapter directory into a jlora run folder (for eval, generate, merge)",
+    )
+    imports.add_argument("dir", help="folder with adapter_config.json + adapter_model.safetensors")
+    imports.add_argument("--out", required=True, help="new run folder")
+    for flag, (section, _, kind, text) in TRAIN_FLAGS.items():
+        if section in (None, "data"):
+            _add_flag(imports, flag, kind, text)
+    imports.add_argument(
+        "--scan", action=argparse.BooleanOptionalAction, default=None, help="scan the layer stack (default on)"
+    )
 
     merge = sub.add_parser("merge", help="write base + adapters as one Hugging Face model directory")
     merge.add_argument("--adapter", required=True, help="run folder")
@@ -212,7 +268,8 @@ def check_out(out: pathlib.Path, run: Run, overwrite: bool) -> None:
     if previous.exists():
         old, new = json.loads(previous.read_text()), json.loads(json.dumps(run.to_dict()))
         differs = sorted(k for k in new if old.get(k) != new[k])
-        what = f"a different run (differing: {', '.join(differs)})" if differs else "this run already"
+        same = f"this run already (--resume {out} continues it)"
+        what = f"a different run (differing: {', '.join(differs)})" if differs else same
     else:
         what = "files that are not a jlora run"
     raise FileExistsError(f"{out} holds {what}; pass --overwrite to replace it or choose another --out")
@@ -238,40 +295,92 @@ def prepare(run: Run):
 
     table = data.read(run.data)  # missing files, empty data
     data.check_columns(table, run.data)  # absent columns
-    labels = len(set(table[run.data.label_column])) if run.data.task == "classification" else None
-    pretrained = load_model(run, labels)  # unknown presets
+    pretrained = load_model(run, _labels(run, table))  # unknown presets
     train, held_out = data.prepare(run.data, pretrained.tokenizer)  # seq_len too small
     params = jlora.init(pretrained.params, run.lora, jax.random.key(run.train.seed), specs=pretrained.kernel_specs())
     return pretrained, params, train, held_out
 
 
+def start_devices(args):
+    """Join a multi-process job when asked (flags, or what `jax.distributed` detects: Cloud
+    TPU, SLURM, Open MPI, Kubernetes, JAX_COORDINATOR_ADDRESS) and build the `--mesh`."""
+    if args.distributed or args.coordinator:
+        import jax
+
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if not args.mesh:
+        return None
+    from jlora.sharding import make_mesh
+
+    return make_mesh(args.mesh)
+
+
+def resumed_run(args) -> tuple[Run, pathlib.Path]:
+    """The run of `--resume RUN`: its own run.json; settings flags would contradict it."""
+    out = pathlib.Path(args.resume)
+    if not (out / RUN_FILE).exists():
+        raise FileNotFoundError(f"--resume {out}: no {RUN_FILE} there; start the run without --resume")
+    given = [flag for flag in TRAIN_FLAGS if _flag(args, flag) is not None]
+    given += ["--config"] * bool(args.config) + ["--scan"] * (args.scan is not None)
+    if given:
+        raise ValueError(f"--resume takes every setting from {out / RUN_FILE}; drop {', '.join(given)}")
+    return Run(**json.loads((out / RUN_FILE).read_text())), out
+
+
 def cmd_train(args) -> int:
+    import jax
+
     import jlora
     from jlora import train as training
+    from jlora.checkpoint import Checkpoints
 
     started = time.perf_counter()
-    run = run_from_args(args)
-    out = pathlib.Path(args.out)
-    check_out(out, run, args.overwrite)
+    mesh = start_devices(args)
+    if args.resume:
+        run, out = resumed_run(args)
+        if (out / "results.json").exists():
+            print(f"{out} is complete (results.json); nothing to resume")
+            return 0
+    else:
+        run, out = run_from_args(args), pathlib.Path(args.out)
+        check_out(out, run, args.overwrite)
     pretrained, params, train_split, held_out = prepare(run)
     summary = jlora.summary(params, run.lora)
     print(f"model {run.model}: {summary.total:,} parameters, {summary.trainable:,} trainable ({summary.percent:.2f}%)")
     print(f"data: {len(train_split):,} training rows, {len(held_out):,} held out; seq_len {run.data.seq_len}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2))
+    writer = jax.process_index() == 0  # files are written once; checkpoints by every process
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2))
     metrics_file = out / "metrics.jsonl"
     adapters, base = jlora.split(params, run.lora)
     task = training.task_for(pretrained, run.lora, train_split)
     eval_step = training.make_eval_step(task)
-    evals = {"before": training.evaluate(eval_step, params, held_out, run.train.eval_batch_size, not args.quiet)}
-    _report("before", evals["before"], metrics_file)
-    adapters, history = training.fit(task, adapters, base, train_split, run.train, metrics_file, not args.quiet)
-    params = jlora.join(adapters, base)
-    evals["after"] = training.evaluate(eval_step, params, held_out, run.train.eval_batch_size, not args.quiet)
-    _report("after", evals["after"], metrics_file)
-    save_adapters(out / "adapters", adapters)
-    export_peft(run, pretrained, params, out / "peft")
+    evals = {r["eval"]: r for r in training.read_metrics(metrics_file) if "eval" in r}  # kept by a resumed run
+    if "before" not in evals:
+        evals["before"] = training.evaluate(eval_step, params, held_out, run.train.eval_batch_size, not args.quiet)
+        _report("before", 0, evals["before"], metrics_file)
+    with Checkpoints(out / CHECKPOINTS, max_to_keep=run.train.keep_checkpoints) as checkpoints:
+        if checkpoints.latest_step() is not None:
+            print(f"resuming from step {checkpoints.latest_step()} of {out / CHECKPOINTS}")
+        adapters, history = training.fit(
+            task, adapters, base, train_split, run.train, metrics_file, not args.quiet, checkpoints, mesh
+        )
+    if "after" not in evals:
+        params = jlora.join(adapters, base)
+        evals["after"] = training.evaluate(eval_step, params, held_out, run.train.eval_batch_size, not args.quiet)
+        _report("after", run.train.steps, evals["after"], metrics_file)
+    if jax.process_count() > 1:  # every process holds a part of the adapters: gather them for the export
+        from jax.experimental import multihost_utils
+
+        adapters = multihost_utils.process_allgather(adapters, tiled=True)
+    if not writer:
+        return 0
+    shutil.rmtree(out / "peft", ignore_errors=True)  # a resumed run killed after its export writes it again
+    export_peft(run, pretrained, jlora.join(adapters, base), out / "peft")
     training.plot_loss(history, evals, out / "loss.png")
+    last = out / CHECKPOINTS / str(run.train.steps)
+    adapter_bytes, checkpoint_bytes = _bytes_under(last / "adapters"), _bytes_under(last)
     result = {
         "accuracy_before": evals["before"].get("accuracy"),
         "accuracy_after": evals["after"].get("accuracy"),
@@ -281,63 +390,85 @@ def cmd_train(args) -> int:
         "median_tokens_per_s": float(sorted(h["tokens_per_s"] for h in history)[len(history) // 2]),
         "wall_seconds": time.perf_counter() - started,
         "steps": len(history),
+        "adapter_bytes": adapter_bytes,  # what export and serving need
+        "checkpoint_bytes": checkpoint_bytes,  # with the optimizer state, to resume
+        "base_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(base)),
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
+    base_mb = result["base_bytes"] / 1e6
     print(
-        f"wrote {out}/ (run.json, metrics.jsonl, loss.png, adapters/, results.json) in {result['wall_seconds']:.0f} s"
+        f"adapters on disk {adapter_bytes / 1e6:.2f} MB, {adapter_bytes / result['base_bytes']:.2%} of the base's "
+        f"{base_mb:.0f} MB ({checkpoint_bytes / 1e6:.2f} MB with the optimizer state)"
+    )
+    print(
+        f"wrote {out}/ (run.json, metrics.jsonl, loss.png, {CHECKPOINTS}/, peft/, results.json) "
+        f"in {result['wall_seconds']:.0f} s"
     )
     return 0
 
 
-def _report(name: str, result: dict, metrics_file: pathlib.Path) -> None:
+def _bytes_under(folder: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _report(name: str, step: int, result: dict, metrics_file: pathlib.Path) -> None:
+    import jax
+
     text = f"held-out {name}: loss {result['loss']:.4f}"
     if "accuracy" in result:
         text += f", accuracy {result['accuracy']:.2%}"
     print(text)
+    if jax.process_index() != 0:
+        return
     with metrics_file.open("a") as f:
-        f.write(json.dumps({"eval": name, **result}) + "\n")
+        f.write(json.dumps({"eval": name, "step": step, **result}) + "\n")
 
 
 def export_peft(run: Run, pretrained, params, out: pathlib.Path) -> pathlib.Path:
     """The run's adapters as a Hugging Face PEFT directory (peft, vLLM and TGI load it)."""
     import jlora.peft
-    from jlora.models import PRESETS, hf_module_name
+    from jlora.models import hf_module_name
 
-    preset = PRESETS.get(run.model)
     return jlora.peft.export(
         params,
         run.lora,
         out,
         hf_module_name,
         task_type="SEQ_CLS" if run.data.task == "classification" else "CAUSAL_LM",
-        base_model_name_or_path=preset.hub_id if preset else run.model,
+        base_model_name_or_path=hub_id(run.model),
     )
 
 
-def save_adapters(path: pathlib.Path, adapters) -> None:
-    import orbax.checkpoint as ocp
+def hub_id(model: str) -> str:
+    from jlora.models import PRESETS
 
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path.absolute(), adapters)
-    checkpointer.wait_until_finished()
+    return PRESETS[model].hub_id if model in PRESETS else model
 
 
 def load_run(folder: str):
-    """(run, pretrained, params with the run's adapters, train and held-out data) of a run folder."""
-    import orbax.checkpoint as ocp
-
-    import jlora
+    """(run, pretrained, params with the run's adapters, train and held-out data) of a run
+    folder: the latest complete checkpoint, refused if made against another base."""
 
     path = pathlib.Path(folder)
     if not (path / RUN_FILE).exists():
         raise FileNotFoundError(f"{path} is not a jlora run folder (no {RUN_FILE})")
-    if not (path / "adapters").exists():
-        raise FileNotFoundError(f"{path} has no adapters/ (did the run finish?)")
-    run = Run(**json.loads((path / RUN_FILE).read_text()))
+    run = _run_of(folder)
     pretrained, params, train, held_out = prepare(run)
+    return run, pretrained, restore_adapters(path, run, params), train, held_out
+
+
+def restore_adapters(folder: pathlib.Path, run: Run, params):
+    """`params` (freshly initialised with `run.lora`) with the run's latest checkpointed
+    adapters, refused if the checkpoint was made against another base."""
+    import jlora
+    from jlora.checkpoint import Checkpoints, fingerprint
+
+    if not (folder / CHECKPOINTS).exists():
+        raise FileNotFoundError(f"{folder} has no {CHECKPOINTS}/ (did the run save a step?)")
     template, base = jlora.split(params, run.lora)
-    adapters = ocp.StandardCheckpointer().restore((path / "adapters").absolute(), template)
-    return run, pretrained, jlora.join(adapters, base), train, held_out
+    with Checkpoints(folder / CHECKPOINTS) as checkpoints:
+        adapters = checkpoints.restore(template, base_fingerprint=fingerprint(base)).adapters
+    return jlora.join(adapters, base)
 
 
 def cmd_eval(args) -> int:
@@ -360,37 +491,100 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    """Prompts continued by one loaded base, each with its own adapter (or none): every
+    `--adapter` is stacked once and the batch is generated in one pass."""
     import jax
     import jax.numpy as jnp
 
+    import jlora
     import jlora.models
+    from jlora import multi
 
-    if args.adapter:
-        run, pretrained, params, _, _ = load_run(args.adapter)
-        lora = run.lora
-    else:
-        run = Run(model=args.model or DEFAULT_MODEL)
-        pretrained, lora = load_model(run), None
-        params = pretrained.params
+    paths = args.adapter or []
+    run = _run_of(paths[0]) if paths and (pathlib.Path(paths[0]) / RUN_FILE).exists() else Run()
+    run = dataclasses.replace(run, model=args.model or (run.model if paths else DEFAULT_MODEL))
+    pretrained = load_model(run)
     tok = pretrained.tokenizer
-    text = args.prompt if args.prompt is not None else run.data.prompt.format(**{run.data.text_column: args.input})
-    chat = args.chat if args.chat is not None else args.adapter is None
-    if chat:
-        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    ids = jnp.asarray([tok(text, add_special_tokens=False)["input_ids"]])
+    rows = _prompt_rows(args, paths, run)
+    chat = args.chat if args.chat is not None else not paths
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        if chat
+        else t
+        for _, t in rows
+    ]
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, encoded))
+    ids = jnp.asarray([[tok.pad_token_id or 0] * (width - len(e)) + e for e in encoded])  # left-padded
+    mask = jnp.asarray([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    params, adapter_ids = pretrained.params, None
+    if paths:
+        stacked = multi.stack([load_adapters(path, pretrained) for path in paths])
+        params, adapter_ids = jlora.join(stacked, pretrained.params), jnp.asarray([i for i, _ in rows], jnp.int32)
     tokens = jlora.models.generate(
         pretrained.model,
         params,
         ids,
+        mask,
         max_new_tokens=args.max_new_tokens,
         key=jax.random.key(args.seed),
         temperature=args.temperature,
         top_p=args.top_p,
         eos_token_id=tok.eos_token_id,
-        lora=lora,
+        pad_token_id=tok.pad_token_id or 0,
+        adapter_ids=adapter_ids,
     )
-    print(tok.decode(tokens[0], skip_special_tokens=True))
+    for (index, _), row in zip(rows, tokens, strict=True):
+        text = tok.decode(row, skip_special_tokens=True)
+        print(f"[{paths[index] if index >= 0 else 'base'}] {text}" if len(rows) > 1 else text)
     return 0
+
+
+def _run_of(folder: str) -> Run:
+    return Run(**json.loads((pathlib.Path(folder) / RUN_FILE).read_text()))
+
+
+def _prompt_rows(args, paths: list[str], run: Run) -> list[tuple[int, str]]:
+    """(adapter index or -1, prompt text) per row: `--prompts FILE` (JSONL with "prompt" or
+    "input" and "adapter": one of the `--adapter` paths or "base"), or the one `--prompt` /
+    `--input` with every adapter (or the base alone)."""
+    fill = lambda text: run.data.prompt.format(**{run.data.text_column: text})
+    if args.prompts is None:
+        text = args.prompt if args.prompt is not None else fill(args.input)
+        return [(i, text) for i in range(len(paths))] or [(-1, text)]
+    rows = []
+    for number, line in enumerate(pathlib.Path(args.prompts).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        adapter = row.get("adapter") or "base"
+        if adapter != "base" and adapter not in paths:
+            raise ValueError(f"{args.prompts}:{number}: adapter {adapter!r} is not one of --adapter {paths} or 'base'")
+        if ("prompt" in row) == ("input" in row):
+            raise ValueError(f"{args.prompts}:{number}: give exactly one of 'prompt' and 'input'")
+        rows.append((paths.index(adapter) if adapter != "base" else -1, row.get("prompt") or fill(row["input"])))
+    if not rows:
+        raise ValueError(f"{args.prompts} holds no prompts")
+    return rows
+
+
+def load_adapters(path: str, pretrained):
+    """(params with adapters, LoraConfig) of a run folder or a PEFT directory, over
+    `pretrained`'s base."""
+    import jax
+
+    import jlora
+    import jlora.peft
+    from jlora.models import hf_module_name
+
+    folder = pathlib.Path(path)
+    if (folder / RUN_FILE).exists():
+        run = _run_of(path)
+        params = jlora.init(pretrained.params, run.lora, jax.random.key(0), specs=pretrained.kernel_specs())
+        return restore_adapters(folder, run, params), run.lora
+    if (folder / "adapter_config.json").exists():
+        return jlora.peft.load(folder, pretrained.params, hf_module_name)
+    raise FileNotFoundError(f"{folder} is neither a jlora run folder ({RUN_FILE}) nor a PEFT directory")
 
 
 def cmd_merge(args) -> int:
@@ -410,12 +604,67 @@ def cmd_export_peft(args) -> int:
     return 0
 
 
+def cmd_import_peft(args) -> int:
+    """A PEFT directory -> a run folder (run.json + a step-0 checkpoint) that eval,
+    generate, merge and export-peft take. Written to a hidden folder and renamed."""
+    import tempfile
+
+    import jlora
+    import jlora.peft
+    from jlora.checkpoint import Checkpoints, fingerprint
+    from jlora.models import PRESETS, hf_module_name
+
+    source, out = pathlib.Path(args.dir), pathlib.Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new --out")
+    peft_config, _ = jlora.peft.read(source)
+    settings = run_from_args(args).to_dict()
+    if args.model is None:
+        named = peft_config.get("base_model_name_or_path")
+        presets = {preset.hub_id: name for name, preset in PRESETS.items()}
+        if named in presets or (named and pathlib.Path(named).exists()):
+            settings["model"] = presets.get(named, named)
+        else:
+            raise ValueError(f"{source}: base model {named!r} is neither a preset's nor a local folder; pass --model")
+    if peft_config.get("task_type") == "SEQ_CLS" and (args.task or "classification") == "classification":
+        settings["data"]["task"] = "classification"
+    run = Run(**settings)
+    pretrained = load_model(run, _labels(run))
+    params, lora = jlora.peft.load(source, pretrained.params, hf_module_name)
+    run = dataclasses.replace(run, lora=lora)
+    adapters, base = jlora.split(params, run.lora)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (staging / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2))
+        with Checkpoints(staging / CHECKPOINTS, async_save=False) as checkpoints:
+            checkpoints.save(0, adapters, None, config=run.lora, base_fingerprint=fingerprint(base))
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    summary = jlora.summary(params, run.lora)
+    print(f"wrote {out}/ ({RUN_FILE}, {CHECKPOINTS}/): {summary.trainable:,} adapter parameters on {run.model}")
+    return 0
+
+
+def _labels(run: Run, table=None) -> int | None:
+    """The classifier's label count, from the run's data (`table`, or read)."""
+    if run.data.task != "classification":
+        return None
+    from jlora import data
+
+    table = data.read(run.data) if table is None else table
+    return len(set(table[run.data.label_column]))
+
+
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "generate": cmd_generate,
     "merge": cmd_merge,
     "export-peft": cmd_export_peft,
+    "import-peft": cmd_import_peft,
 }
 
 

@@ -53,7 +53,12 @@ SUPPORTED = {
     "revision",
     "auto_mapping",
     "peft_version",
+    "megatron_core",  # read only with megatron_config, which is refused
+    "qalora_group_size",  # read only with use_qalora, which is refused
 }
+# init_lora_weights values whose saved adapters apply to the unchanged base (PiSSA, OLoRA,
+# LoftQ, … rewrite the base weights)
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 DEFAULTS = {
     "use_dora": False,
     "bias": "none",
@@ -73,14 +78,17 @@ DEFAULTS = {
 }
 
 
-def _modules(params: PyTree, module_names: ModuleNames):
-    """(HF module name, layer-local kernel shape, A, B, jlora path) per adapted module and layer."""
+def _modules(params: PyTree, config: LoraConfig, module_names: ModuleNames):
+    """(HF module name, A, B, jlora path) per adapted module and layer; the layers of a
+    stacked kernel that `config.layers` leaves out (A = B = 0) are skipped."""
     for keys, leaves in adapted_modules(params).items():
         kernel, a, b = leaves["kernel"], np.asarray(leaves[LORA_A], np.float32), np.asarray(leaves[LORA_B], np.float32)
         spec = adapter_spec(kernel.shape, a.shape, b.shape)
         if spec.stack > 1:
             raise ValueError(f"{path_str(keys)}: {spec.stack} stacked axes; export handles one")
         for index in range(kernel.shape[0]) if spec.stack else [None]:
+            if index is not None and config.layers is not None and index not in config.layers:
+                continue
             layer_a, layer_b = (a[index], b[index]) if spec.stack else (a, b)
             yield module_names(keys, index), layer_a, layer_b, path_str(keys)
 
@@ -103,7 +111,7 @@ def export(
         raise FileExistsError(f"{out} exists; choose a new folder")
     tensors: dict[str, np.ndarray] = {}
     ranks, alphas = {}, {}
-    for name, a, b, path in _modules(params, module_names):
+    for name, a, b, path in _modules(params, config, module_names):
         r = a.shape[-1]
         tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
@@ -126,7 +134,7 @@ def export(
         "rank_pattern": {re_exact(n): r for n, r in ranks.items() if r != config.r},
         "alpha_pattern": {re_exact(n): a for n, a in alphas.items() if not math.isclose(a, config.alpha)},
         "modules_to_save": sorted({module_names(k[:-1], None).rsplit(".", 1)[-1] for k in saved}) or None,
-        "layers_to_transform": None,  # the exported modules are exactly the adapted ones
+        "layers_to_transform": list(config.layers) if config.layers is not None else None,
         "use_dora": False,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -166,21 +174,11 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
     """Read a PEFT LoRA directory into `params` (a base tree of jlora's layout): returns the
     tree with adapters (and `modules_to_save` values) and the matching `LoraConfig`.
 
-    Every field the importer cannot honour (DoRA, biases, fan_in_fan_out, …), and every
-    adapter whose module the model lacks, is an error naming it."""
-    from safetensors.numpy import load_file
-
+    Every field the importer cannot honour (DoRA, biases, fan_in_fan_out, …), every
+    adapter whose module the model lacks, and every tensor whose shape disagrees with the
+    config or the model is an error naming it. Nothing is written."""
     directory = pathlib.Path(directory)
-    config_file, weights_file = directory / "adapter_config.json", directory / "adapter_model.safetensors"
-    if not config_file.exists() or not weights_file.exists():
-        raise FileNotFoundError(f"{directory}: expected adapter_config.json and adapter_model.safetensors")
-    peft_config = json.loads(config_file.read_text())
-    if peft_config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory}: peft_type {peft_config.get('peft_type')!r} is not LORA")
-    for field, default in DEFAULTS.items():
-        if field in peft_config and peft_config[field] not in (default, None, {}, [], False):
-            raise ValueError(f"{directory}: adapter_config field {field}={peft_config[field]!r} is not supported")
-    tensors = load_file(weights_file)
+    peft_config, tensors = read(directory)
     flat = flatten(params)
     kernels = {keys[:-1]: leaf for keys, leaf in flat.items() if keys[-1] == "kernel"}
     by_name: dict[str, tuple[tuple, int | None]] = {}
@@ -188,32 +186,50 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
         stacked = module_names(keys, 0) != module_names(keys, None)  # the name needs a layer: a scanned stack
         for index in range(kernel.shape[0]) if stacked else [None]:
             by_name[module_names(keys, index)] = (keys, index)
-    factors: dict[tuple, dict[str, list]] = {}
+    layers = peft_config.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers
+    factors: dict[tuple, dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}
     ranks, alphas = {}, {}
     used = set()
-    for key in tensors:
+    for key in sorted(tensors):
         if not key.endswith(".lora_A.weight"):
             continue
         name = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
+        b_key = f"{PREFIX}{name}.lora_B.weight"
         if name not in by_name:
             raise ValueError(f"{directory}: adapter for {name!r}, which the model does not have")
+        if b_key not in tensors:
+            raise ValueError(f"{directory}: {key} has no {b_key}")
         keys, index = by_name[name]
-        a, b = tensors[key], tensors[f"{PREFIX}{name}.lora_B.weight"]
-        used |= {key, f"{PREFIX}{name}.lora_B.weight"}
+        a, b = tensors[key], tensors[b_key]
+        used |= {key, b_key}
         kernel = kernels[keys]
         shape = kernel.shape[1:] if index is not None else kernel.shape
+        r = _pattern_value(peft_config.get("rank_pattern"), name, int(peft_config["r"]))
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{directory}: {name}: lora_A {a.shape} and lora_B {b.shape} are not (r, in) and (out, r)")
+        if a.shape[0] != r:
+            raise ValueError(
+                f"{directory}: {name} has rank {a.shape[0]} in the tensors but {r} in adapter_config.json "
+                "(r / rank_pattern): the config does not belong to these weights"
+            )
+        layer = index if index is not None else _layer_of(name)
+        if layers is not None and layer not in layers:
+            raise ValueError(f"{directory}: {name} is outside layers_to_transform={layers}")
         n_in = _inputs(shape, a.shape[1], b.shape[0], name)
-        r = a.shape[0]
         factors.setdefault(keys, {})[index] = (a.T.reshape(*shape[:n_in], r), b.T.reshape(r, *shape[n_in:]))
         ranks[path_str(keys)] = r
-        alphas[path_str(keys)] = _alpha(peft_config, name)
+        alpha = float(peft_config["lora_alpha"])
+        alphas[path_str(keys)] = _pattern_value(peft_config.get("alpha_pattern"), name, alpha)
+    if not factors:
+        raise ValueError(f"{directory}: adapter_model.safetensors holds no lora_A / lora_B tensors")
     for keys, per_layer in factors.items():
         if None in per_layer:
             a, b = per_layer[None]
         else:  # a stacked kernel: layers absent from the file get A = B = 0, an exact no-op
             a0, b0 = next(iter(per_layer.values()))
-            layers = [per_layer.get(i, (np.zeros_like(a0), np.zeros_like(b0))) for i in range(kernels[keys].shape[0])]
-            a, b = np.stack([x for x, _ in layers]), np.stack([y for _, y in layers])
+            stacked = [per_layer.get(i, (np.zeros_like(a0), np.zeros_like(b0))) for i in range(kernels[keys].shape[0])]
+            a, b = np.stack([x for x, _ in stacked]), np.stack([y for _, y in stacked])
         flat[(*keys, LORA_A)], flat[(*keys, LORA_B)] = a.astype(np.float32), b.astype(np.float32)
     leaves = {(module_names(k[:-1], None), _leaf_name(k[-1])): k for k in flat if k[-1] not in (LORA_A, LORA_B)}
     saved_modules = set()
@@ -223,7 +239,12 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
         target = leaves.get(tuple(key.removeprefix(PREFIX).rsplit(".", 1)))
         if target is None:
             raise ValueError(f"{directory}: tensor {key!r} matches nothing in the model")
-        flat[target] = (value.T if target[-1] == "kernel" else value.reshape(flat[target].shape)).astype(np.float32)
+        value = value.T if target[-1] == "kernel" else value
+        if value.size != flat[target].size or (target[-1] == "kernel" and value.shape != flat[target].shape):
+            raise ValueError(
+                f"{directory}: {key} has shape {value.shape}; the model's {path_str(target)} is {flat[target].shape}"
+            )
+        flat[target] = value.reshape(flat[target].shape).astype(np.float32)
         saved_modules.add(str(target[-2]))
     r = int(peft_config["r"])
     config = LoraConfig(
@@ -231,12 +252,49 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
         alpha=float(peft_config["lora_alpha"]),
         dropout=float(peft_config.get("lora_dropout") or 0.0),
         target_modules=sorted({p.rsplit("/", 1)[-1] for p in ranks}),
+        layers=layers,
         use_rslora=bool(peft_config.get("use_rslora")),
         rank_pattern={re.escape(p): v for p, v in ranks.items() if v != r},
         alpha_pattern={re.escape(p): v for p, v in alphas.items() if not math.isclose(v, peft_config["lora_alpha"])},
         modules_to_save=sorted(saved_modules),
     )
     return unflatten(flat), config
+
+
+def read(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(adapter_config, tensors) of a PEFT directory, checked for what jlora can honour."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    config_file, weights_file = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    if not config_file.exists() or not weights_file.exists():
+        raise FileNotFoundError(f"{directory}: expected adapter_config.json and adapter_model.safetensors")
+    try:
+        peft_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from None
+    if peft_config.get("peft_type") != "LORA":
+        raise ValueError(f"{directory}: peft_type {peft_config.get('peft_type')!r} is not LORA")
+    for field in ("r", "lora_alpha"):
+        if field not in peft_config:
+            raise ValueError(f"{config_file} has no {field!r}")
+    for field, default in DEFAULTS.items():
+        if field in peft_config and peft_config[field] not in (default, None, {}, [], False):
+            raise ValueError(f"{directory}: adapter_config field {field}={peft_config[field]!r} is not supported")
+    if peft_config.get("init_lora_weights", True) not in PLAIN_INITS:
+        raise ValueError(
+            f"{directory}: init_lora_weights={peft_config['init_lora_weights']!r} changes the base weights; "
+            "convert the adapter to a plain LoRA with peft (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) first"
+        )
+    unknown = sorted(k for k, v in peft_config.items() if k not in SUPPORTED and k not in DEFAULTS and v)
+    if unknown:
+        raise ValueError(f"{directory}: adapter_config fields {unknown} are not supported")
+    try:
+        tensors = load_file(weights_file)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_file} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    return peft_config, tensors
 
 
 def _leaf_name(leaf) -> str:
@@ -253,8 +311,15 @@ def _inputs(shape: tuple[int, ...], fan_in: int, fan_out: int, name: str) -> int
     )
 
 
-def _alpha(peft_config: Mapping, name: str) -> float:
-    for key, value in (peft_config.get("alpha_pattern") or {}).items():
+def _pattern_value(pattern: Mapping | None, name: str, default):
+    """peft's rank_pattern / alpha_pattern lookup: a key matches names ending in it."""
+    for key, value in (pattern or {}).items():
         if re.match(rf"(.*\.)?{key}$", name):
-            return float(value)
-    return float(peft_config["lora_alpha"])
+            return type(default)(value)
+    return default
+
+
+def _layer_of(name: str) -> int | None:
+    """The layer index in a Hugging Face module name (``model.layers.3.self_attn.q_proj``)."""
+    found = re.findall(r"\.(?:layers|layer|h|blocks?)\.(\d+)\.", f".{name}.")
+    return int(found[-1]) if found else None

@@ -10,19 +10,24 @@ compiles once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import pathlib
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jlora
+from jlora import sharding
+from jlora.checkpoint import Checkpoints, fingerprint
 from jlora.data import Batches, Split, eval_batches
 
 Batch = dict[str, jax.Array]
@@ -42,9 +47,11 @@ class TrainConfig:
     dtype: str = "float32"
     eval_batch_size: int = 32
     seed: int = 0
+    checkpoint_every: int = 50  # steps between adapter checkpoints; the last step is always saved
+    keep_checkpoints: int = 2
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -137,12 +144,42 @@ def task_for(pretrained, lora: jlora.LoraConfig, train: Split) -> Task:
 # -- steps ---------------------------------------------------------------------------------------
 
 
-def make_train_step(task: Task, tx: optax.GradientTransformation, key: jax.Array) -> Callable:
+class Placement(NamedTuple):
+    """Where a sharded step's inputs live: shardings of adapters, optimizer state and base
+    (trees), and of the batch (one sharding for every batch array)."""
+
+    mesh: Mesh
+    adapters: Any
+    opt_state: Any
+    base: Any
+    batch: NamedSharding
+
+    @classmethod
+    def derive(cls, mesh: Mesh, model: nn.Module, params: Any, lora: jlora.LoraConfig, tx) -> Placement:
+        """The base sharded by the model's logical axis names (`jlora.sharding.RULES`),
+        adapters and optimizer state derived from their kernels'."""
+        specs = sharding.logical_specs(model, jax.ShapeDtypeStruct((1, 2), jnp.int32))
+        derived = sharding.adapter_shardings(params, sharding.param_shardings(params, specs, mesh))
+        adapter_tree, base_tree = jlora.split(derived, lora)
+        adapters, _ = jlora.split(params, lora)
+        return cls(
+            mesh,
+            adapter_tree,
+            sharding.opt_state_shardings(tx, adapters, adapter_tree, mesh),
+            base_tree,
+            sharding.batch_sharding(mesh, 2, batch_axis=1),  # (grad_accum, batch, …)
+        )
+
+
+def make_train_step(
+    task: Task, tx: optax.GradientTransformation, key: jax.Array, placement: Placement | None = None
+) -> Callable:
     """``(adapters, opt_state, base, batch, step) -> (adapters, opt_state, metrics)``, jitted.
 
     `batch` arrays are ``(grad_accum, batch_size, …)``: gradients of the summed token
     losses accumulate over the micro-batches, then are divided by the token count, so the
-    update is the one for the mean loss over the whole batch."""
+    update is the one for the mean loss over the whole batch. With a `placement`, the step
+    is compiled for those shardings (inputs must already live there: nothing is moved)."""
 
     def step(adapters, opt_state, base, batch, step):
         def micro(carry, inputs):
@@ -162,10 +199,23 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, key: jax.Array
         (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batch, jnp.arange(accum)))
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
         updates, opt_state = tx.update(grads, opt_state, adapters)
-        metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.tree.norm(grads), "tokens": count}
+        metrics = {
+            "loss": loss_sum / jnp.maximum(count, 1.0),
+            "grad_norm": optax.tree.norm(grads),
+            "tokens": count,  # the loss's
+            "seen": batch["attention_mask"].sum(),  # every real token of the global batch
+        }
         return optax.apply_updates(adapters, updates), opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if placement is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    replicated = NamedSharding(placement.mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(placement.adapters, placement.opt_state, placement.base, placement.batch, replicated),
+        out_shardings=(placement.adapters, placement.opt_state, replicated),
+        donate_argnums=(0, 1),
+    )
 
 
 def make_eval_step(task: Task) -> Callable:
@@ -214,46 +264,119 @@ def fit(
     config: TrainConfig,
     metrics_file: pathlib.Path | None = None,
     progress: bool = True,
+    checkpoints: Checkpoints | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[Any, list[dict]]:
     """Train `adapters` for `config.steps` steps; returns them and the per-step history.
-    `adapters` are donated to the step (their buffers are reused): keep no other reference."""
+    `adapters` are donated to the step (their buffers are reused): keep no other reference.
+
+    With `checkpoints`, the adapters and optimizer state are saved every
+    `config.checkpoint_every` steps and at the end, and a run that finds a checkpoint
+    there resumes from the latest one: the batches, dropout keys and learning rate are
+    pure functions of the step, so it ends exactly where an uninterrupted run would.
+    `metrics_file` then loses the records of steps after that checkpoint, which are redone.
+
+    With a `mesh` (`jlora.sharding.make_mesh`), the base is placed once, sharded by its
+    logical axes, adapters and optimizer state by their kernels', and each process loads
+    only the batch rows its devices hold (one or many hosts alike)."""
     from tqdm.auto import tqdm
 
     tx = make_optimizer(config, task.lora)
-    opt_state = tx.init(adapters)
-    step_fn = make_train_step(task, tx, jax.random.key(config.seed))
+    placement, rows = None, None
+    if mesh is not None:
+        placement = Placement.derive(mesh, task.model, jlora.join(adapters, base), task.lora, tx)
+        adapters, base = jax.device_put(adapters, placement.adapters), jax.device_put(base, placement.base)
+        rows = sharding.local_rows(mesh, (config.grad_accum, config.batch_size), batch_axis=1)
+        rows = (np.arange(config.grad_accum)[:, None] * config.batch_size + rows).ravel()
+    init = tx.init if placement is None else jax.jit(tx.init, out_shardings=placement.opt_state)
+    opt_state = init(adapters)
+    step_fn = make_train_step(task, tx, jax.random.key(config.seed), placement)
     batches = Batches(train, config.batch_size * config.grad_accum, config.seed)
     lr = schedule(config)
-    history = []
-    bar = tqdm(total=config.steps, desc="train", unit="step", disable=not progress)
-    start = time.perf_counter()
-    for step, batch in enumerate(batches.iterate(0, config.steps)):
+    base_fingerprint, data_fingerprint = (fingerprint(base), split_fingerprint(train)) if checkpoints else (None, None)
+    start, history = 0, []
+    if checkpoints is not None and checkpoints.latest_step() is not None:
+        restored = checkpoints.restore(adapters, opt_state, base_fingerprint=base_fingerprint)  # same placement
+        if restored.meta["data"]["hash"] != data_fingerprint:
+            raise ValueError(f"{checkpoints.directory}: the training data differ from those the checkpoint was made on")
+        adapters, opt_state, start = restored.adapters, restored.opt_state, restored.step
+        history = [r for r in read_metrics(metrics_file) if r.get("step", 0) <= start and "eval" not in r]
+    if checkpoints is not None:  # records of steps after the checkpoint (or of all, without one) are redone
+        rewrite_metrics(metrics_file, lambda r: r.get("step", 0) <= start)
+    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress)
+    began = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
+    for step, batch in zip(range(start, config.steps), batches.iterate(start, config.steps, rows), strict=True):
         tick = time.perf_counter()
-        adapters, opt_state, metrics = step_fn(
-            adapters, opt_state, base, shape_batch(batch, config.grad_accum), jnp.int32(step)
-        )
+        shaped = shape_batch(batch, config.grad_accum)
+        if mesh is not None:
+            shaped = sharding.shard_batch(shaped, mesh, config.batch_size, batch_axis=1)
+        adapters, opt_state, metrics = step_fn(adapters, opt_state, base, shaped, jnp.int32(step))
         metrics = {k: float(v) for k, v in metrics.items()}
         seconds = time.perf_counter() - tick
-        tokens = float(batch["attention_mask"].sum())
         record = {
             "step": step + 1,
             "loss": metrics["loss"],
             "lr": float(lr(step)),
             "grad_norm": metrics["grad_norm"],
-            "tokens_per_s": tokens / seconds,
-            "elapsed_s": time.perf_counter() - start,
+            "tokens_per_s": metrics["seen"] / seconds,
+            "elapsed_s": time.perf_counter() - began,
             "epoch": batches.position(step)[0],
         }
         history.append(record)
         _append_jsonl(metrics_file, record)
+        if checkpoints is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+            epoch, index = batches.position(step + 1)
+            checkpoints.save(
+                step + 1,
+                adapters,
+                opt_state,
+                config=task.lora,
+                base_fingerprint=base_fingerprint,
+                metrics={"loss": record["loss"]},
+                extra={"data": {"hash": data_fingerprint, "epoch": epoch, "batch": index}},
+            )
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update()
     bar.close()
+    if checkpoints is not None:
+        checkpoints.wait()
     return adapters, history
 
 
+def split_fingerprint(split: Split) -> str:
+    """A hash of the training rows, so a resumed run can tell its data changed."""
+    digest = hashlib.sha256()
+    for name in sorted(split.arrays):
+        digest.update(name.encode() + np.ascontiguousarray(split.arrays[name]).tobytes())
+    return digest.hexdigest()
+
+
+def read_metrics(path: pathlib.Path | None) -> list[dict]:
+    """The records of a JSONL metrics file; a last line cut short by a kill is dropped."""
+    if path is None or not path.exists():
+        return []
+    records = []
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines) - 1:
+                raise ValueError(f"{path}: line {number + 1} is not JSON") from None
+    return records
+
+
+def rewrite_metrics(path: pathlib.Path | None, keep: Callable[[dict], bool]) -> None:
+    """Keep the records `keep` accepts, replacing the file atomically."""
+    if path is None or not path.exists() or jax.process_index() != 0:
+        return
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(path) if keep(r)))
+    os.replace(staging, path)
+
+
 def _append_jsonl(path: pathlib.Path | None, record: dict) -> None:
-    if path is not None:
+    if path is not None and jax.process_index() == 0:
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -52,7 +52,7 @@ def input_shape(kind, d_in, heads):
     return (4, heads, d_in) if kind in ("general_out", "einsum") else (4, d_in)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     kind=st.sampled_from(["dense", "general_in", "general_out", "einsum"]),
     d_in=st.integers(2, 9),

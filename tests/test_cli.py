@@ -47,12 +47,12 @@ def trained_run(files, tmp_path_factory):
 
 def test_train_writes_a_complete_run_and_learns(trained_run):
     names = {p.name for p in trained_run.iterdir()}
-    assert {"run.json", "metrics.jsonl", "loss.png", "adapters", "peft", "results.json"} <= names
+    assert {"run.json", "metrics.jsonl", "loss.png", "checkpoints", "peft", "results.json"} <= names
     results = json.loads((trained_run / "results.json").read_text())
     assert results["accuracy_after"] >= 0.9 > results["accuracy_before"]
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval"] for r in records if "eval" in r] == ["before", "after"]
-    assert sum("step" in r for r in records) == 150
+    assert [r["step"] for r in records if "eval" not in r] == list(range(1, 151))
     assert json.loads((trained_run / "run.json").read_text())["lora"]["r"] == 4
 
 
@@ -141,3 +141,41 @@ def test_config_file_and_flags(files, tmp_path):
     config.write_text("lora:\n  rank: 2\n")
     with pytest.raises(ValueError, match=r"unknown LoraConfig settings \['rank'\]"):
         cli.run_from_args(cli.build_parser().parse_args(["train", "--config", str(config)]))
+
+
+@pytest.mark.usefixtures("fresh_compiles")
+def test_train_on_a_mesh_matches_one_device(files, tmp_path):
+    import jax
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (conftest sets them)")
+    model, csv = files
+    args = ["train", "--model", str(model), "--data", str(csv), *FAST, "--steps", "3", "--grad-accum", "2"]
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "mesh"), "--mesh", "data=2,fsdp=2,tensor=2"]) == 0
+    records = [(tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("one", "mesh")]
+    losses = [[r["loss"] for r in map(json.loads, lines) if "eval" not in r] for lines in records]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)  # float32, other summation order
+    assert cli.main(["train", "--model", str(model), "--mesh", "data=3", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_generate_serves_several_adapters_from_one_base_in_one_batch(trained_run, files, tmp_path, capsys):
+    model, _ = files
+    peft_dir = str(trained_run / "peft")  # the same adapters again, as a PEFT directory
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [
+        {"adapter": str(trained_run), "input": "the movie was lovely and great"},
+        {"adapter": peft_dir, "input": "the plot was dull"},
+        {"adapter": "base", "prompt": "Review: the plot was dull\nSentiment:"},
+    ]
+    prompts.write_text("\n".join(map(json.dumps, rows)))
+    args = ["generate", "--adapter", str(trained_run), "--adapter", peft_dir, "--max-new-tokens", "2"]
+    assert cli.main([*args, "--prompts", str(prompts)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"[{trained_run}] positive" and lines[1] == f"[{peft_dir}] negative"
+    single = ["generate", "--model", str(model), "--no-chat", "--prompt", rows[2]["prompt"], "--max-new-tokens", "2"]
+    assert cli.main(single) == 0
+    assert lines[2] == f"[base] {capsys.readouterr().out.strip()}"  # the base row is the base model's answer
+    prompts.write_text(json.dumps({"adapter": "elsewhere", "input": "x"}))
+    assert "adapter 'elsewhere' is not one of --adapter" in error_of(capsys, *args, "--prompts", str(prompts))

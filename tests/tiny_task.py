@@ -65,6 +65,19 @@ def hf_llama(path: pathlib.Path, **overrides) -> pathlib.Path:
     return path
 
 
+def hf_bert_classifier(path: pathlib.Path) -> pathlib.Path:
+    """A random BERT sequence classifier saved by transformers (2 layers, 3 labels)."""
+    import torch
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=20, num_labels=3
+    )
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
 def llama_dir(path: pathlib.Path) -> pathlib.Path:
     """`hf_llama` with the tiny tokenizer, wide enough to learn the synthetic task."""
     tok = tokenizer()
