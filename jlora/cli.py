@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn a Hugging Face PEFT adapter directory into a jlora run folder (for eval, generate, merge)",
     )
     imports.add_argument("dir", help="folder with adapter_config.json + adapter_model.safetensors")
-    imports.add_argument("--out", required=True, help="new run folder")
+    imports.add_argument("--out", help="new run folder (default runs/<the directory's name>)")
     for flag, (section, _, kind, text) in TRAIN_FLAGS.items():
         if section in (None, "data"):
             _add_flag(imports, flag, kind, text)
@@ -614,7 +614,8 @@ def cmd_import_peft(args) -> int:
     from jlora.checkpoint import Checkpoints, fingerprint
     from jlora.models import PRESETS, hf_module_name
 
-    source, out = pathlib.Path(args.dir), pathlib.Path(args.out)
+    source = pathlib.Path(args.dir)
+    out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / source.absolute().name
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new --out")
     peft_config, _ = jlora.peft.read(source)

@@ -225,7 +225,7 @@ def test_corrupt_peft_directories_fail_cleanly_and_import_peft_writes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no run folder, no staging left behind
 
 
-def test_import_peft_makes_a_run_folder_that_eval_and_export_use(tmp_path, capsys):
+def test_import_peft_makes_a_run_folder_that_eval_and_export_use(tmp_path, capsys, monkeypatch):
     from jlora import cli
 
     model_dir = tiny_task.llama_dir(tmp_path / "llama")
@@ -252,3 +252,71 @@ def test_import_peft_makes_a_run_folder_that_eval_and_export_use(tmp_path, capsy
     assert cli.main(["export-peft", str(out), str(tmp_path / "again")]) == 0
     for key in safetensors_keys(tmp_path / "adapter2"):
         assert key in safetensors_keys(tmp_path / "again")
+    monkeypatch.chdir(tmp_path)  # without --out: runs/<the directory's name>
+    assert cli.main(["import-peft", str(tmp_path / "adapter2"), *flags]) == 0
+    assert json.loads((tmp_path / "runs" / "adapter2" / "run.json").read_text())["lora"]["r"] == 2
+
+
+BERT_IDS = np.array([[2, 7, 9, 4, 0, 0], [3, 5, 8, 1, 6, 2]])
+
+
+def bert_logits(model, ids=BERT_IDS):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor((ids > 0).astype(int))).logits.numpy()
+
+
+def test_peft_made_bert_adapter_with_rslora_and_layers_imports_with_equal_outputs(tmp_path):
+    bert_dir = tiny_task.hf_bert_classifier(tmp_path / "bert")
+    model = transformers.BertForSequenceClassification.from_pretrained(bert_dir)
+    lora = peft.LoraConfig(
+        task_type="SEQ_CLS",
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value", "dense"],
+        init_lora_weights=False,  # random A and B: the adapter changes the logits
+        use_rslora=True,
+        rank_pattern={"value": 2},
+        layers_to_transform=[1],
+        modules_to_save=["classifier"],
+    )
+    peft_model = peft.get_peft_model(model, lora)
+    with torch.no_grad():  # a head that differs from the base's, as after training
+        peft_model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    theirs = bert_logits(peft_model.eval())
+    pretrained = jlora.models.load(bert_dir, head="classifier", tokenizer=False)
+    params, config = jlora.peft.load(tmp_path / "adapter", pretrained.params, hf_module_name)
+    assert config.use_rslora and config.layers == (1,) and config.modules_to_save == ("classifier",)
+    ids, mask = jnp.asarray(BERT_IDS), jnp.asarray((BERT_IDS > 0).astype(np.int32))
+    ours = jlora.apply(pretrained.model, params, config, ids, mask)
+    assert not np.allclose(ours, pretrained.model.apply({"params": pretrained.params}, ids, mask), atol=1e-3)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)  # float32 both sides
+
+
+def test_bert_adapter_trained_in_jlora_loads_in_peft_with_equal_outputs(tmp_path):
+    from jlora import train as training
+    from jlora.data import Split
+
+    bert_dir = tiny_task.hf_bert_classifier(tmp_path / "bert")
+    pretrained = jlora.models.load(bert_dir, head="classifier", tokenizer=False)
+    config = jlora.LoraConfig(
+        r=4, alpha=8, target_modules=["query", "key", "value", "dense"], modules_to_save=["classifier"]
+    )
+    ids, mask = jnp.asarray(BERT_IDS), jnp.asarray((BERT_IDS > 0).astype(np.int32))
+    before = pretrained.model.apply({"params": pretrained.params}, ids, mask)
+    params = jlora.init(pretrained.params, config, jax.random.key(0), specs=pretrained.kernel_specs())
+    adapters, base = jlora.split(params, config)  # the head's arrays are donated to the step from here on
+    rng = np.random.default_rng(0)
+    rows = rng.integers(1, 40, (32, 6))
+    split = Split({"input_ids": rows, "attention_mask": np.ones_like(rows), "label": rows[:, 0] % 3})
+    task = training.Task(pretrained.model, config, "classifier")
+    train_config = training.TrainConfig(steps=5, batch_size=8, learning_rate=5e-2, warmup_steps=1)
+    adapters, _ = training.fit(task, adapters, base, split, train_config, progress=False)
+    params = jlora.join(adapters, base)
+    out = jlora.peft.export(params, config, tmp_path / "adapter", hf_module_name, task_type="SEQ_CLS")
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    ours = jlora.apply(pretrained.model, params, config, ids, mask)
+    assert not np.allclose(ours, before, atol=1e-3)
+    base_model = transformers.BertForSequenceClassification.from_pretrained(bert_dir)
+    theirs = bert_logits(peft.PeftModel.from_pretrained(base_model, out).eval())
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
