@@ -103,6 +103,7 @@ TRAIN_FLAGS = {
     "--warmup": ("train", "warmup_steps", int, "warmup steps (default 10)"),
     "--weight-decay": ("train", "weight_decay", float, "AdamW weight decay (default 0)"),
     "--dtype": ("train", "dtype", str, "compute dtype: float32 or bfloat16 (parameters stay float32)"),
+    "--remat": ("train", "remat", "flag", "recompute each layer in the backward pass: less memory, ~1/3 more time"),
     "--seed": ("train", "seed", int, "seed for adapters, shuffling and dropout"),
     "--checkpoint-every": ("train", "checkpoint_every", int, "steps between checkpoints (default 50, and the last)"),
     "--keep-checkpoints": ("train", "keep_checkpoints", int, "how many recent checkpoints to keep (default 2)"),
@@ -112,6 +113,8 @@ TRAIN_FLAGS = {
 def _add_flag(parser: argparse.ArgumentParser, flag: str, kind, text: str) -> None:
     if kind == "list":
         parser.add_argument(flag, nargs="+", help=text)
+    elif kind == "flag":
+        parser.add_argument(flag, action="store_const", const=True, help=text)
     elif kind == "ints":
         parser.add_argument(flag, nargs="+", type=int, help=text)
     else:
@@ -283,7 +286,10 @@ def load_model(run: Run, labels: int | None = None):
     kwargs = {"scan": run.scan, "dtype": jnp.dtype(run.train.dtype)}
     if run.data.task == "classification":
         kwargs |= {"head": "classifier", "num_labels": labels}
-    return jlora.models.load(run.model, **kwargs)
+    pretrained = jlora.models.load(run.model, **kwargs)
+    if run.train.remat:
+        pretrained.model = pretrained.model.clone(remat=True)
+    return pretrained
 
 
 def prepare(run: Run):

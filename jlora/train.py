@@ -45,6 +45,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     dtype: str = "float32"
+    remat: bool = False  # recompute each layer in the backward pass: activation memory of one layer
     eval_batch_size: int = 32
     seed: int = 0
     checkpoint_every: int = 50  # steps between adapter checkpoints; the last step is always saved

@@ -160,6 +160,17 @@ def test_train_on_a_mesh_matches_one_device(files, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_train_with_remat_takes_the_same_steps(files, tmp_path):
+    model, csv = files
+    args = ["train", "--model", str(model), "--data", str(csv), *FAST, "--steps", "3", "--dropout", "0.1"]
+    assert cli.main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "remat"), "--remat"]) == 0
+    assert json.loads((tmp_path / "remat" / "run.json").read_text())["train"]["remat"] is True
+    records = [(tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("plain", "remat")]
+    losses = [[r["loss"] for r in map(json.loads, lines) if "eval" not in r] for lines in records]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)  # float32, recomputed in another fusion
+
+
 def test_generate_serves_several_adapters_from_one_base_in_one_batch(trained_run, files, tmp_path, capsys):
     model, _ = files
     peft_dir = str(trained_run / "peft")  # the same adapters again, as a PEFT directory

@@ -165,6 +165,7 @@ class BertModel(nn.Module):
     scan: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False  # recompute each layer in the backward pass (see LlamaForCausalLM)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
@@ -174,7 +175,7 @@ class BertModel(nn.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = BertEmbeddings(c, name="embeddings", **kw)(input_ids, token_type_ids, deterministic)
-        x = Encoder(c, self.scan, name="encoder", **kw)(x, attention_mask, deterministic)
+        x = Encoder(c, self.scan, remat=self.remat, name="encoder", **kw)(x, attention_mask, deterministic)
         return x, BertPooler(c, name="pooler", **kw)(x)
 
 
@@ -183,11 +184,14 @@ class Encoder(nn.Module):
     scan: bool
     dtype: Dtype
     param_dtype: Dtype
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool):
         kw = {"config": self.config, "dtype": self.dtype, "param_dtype": self.param_dtype}
-        return run_layers(BertLayer, self.config.num_layers, self.scan, "layer", x, mask, deterministic, **kw)
+        return run_layers(
+            BertLayer, self.config.num_layers, self.scan, "layer", x, mask, deterministic, remat=self.remat, **kw
+        )
 
 
 class BertPooler(nn.Module):
@@ -212,11 +216,13 @@ class BertForSequenceClassification(nn.Module):
     scan: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False  # recompute each layer in the backward pass (see LlamaForCausalLM)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
         c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        _, pooled = BertModel(c, self.scan, name="bert", **kw)(input_ids, attention_mask, token_type_ids, deterministic)
+        bert = BertModel(c, self.scan, remat=self.remat, name="bert", **kw)
+        _, pooled = bert(input_ids, attention_mask, token_type_ids, deterministic)
         pooled = nn.Dropout(c.hidden_dropout)(pooled, deterministic=deterministic)
         return dense(c.num_labels, ("embed", "labels"), use_bias=True, name="classifier", **kw)(pooled).astype(
             jnp.float32

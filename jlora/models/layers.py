@@ -122,13 +122,19 @@ def run_layers(
     name: str,
     x: jax.Array,
     *args,
+    remat: bool = False,
     **block_kwargs,
 ) -> jax.Array:
     """Run `n_layers` blocks ``x -> x`` (call from a compact method): unrolled as
     ``{name}_0``, ``{name}_1``, … (the Hugging Face layout), or one `nn.scan` named
     `name` whose parameters and cache carry a leading ``layers`` axis (faster compiles).
     Blocks take a ``scanned`` attribute and then return ``(x, None)``; `args` are
-    broadcast to every layer."""
+    broadcast to every layer. With `remat`, each block keeps only its input for the
+    backward pass and recomputes the rest (`nn.remat`): activation memory of one layer
+    instead of all, for about one more forward pass; Python bools in `args` stay static.
+    Use it with `scan`: unrolled, XLA may schedule the recomputation early and keep as much."""
+    if remat:
+        block = nn.remat(block, static_argnums=tuple(2 + i for i, a in enumerate(args) if isinstance(a, bool)))
     if not scan:
         for i in range(n_layers):
             x = block(**block_kwargs, name=f"{name}_{i}")(x, *args)

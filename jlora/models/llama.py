@@ -177,6 +177,7 @@ class LlamaModel(nn.Module):
     scan: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, positions, decode: bool):
@@ -187,7 +188,9 @@ class LlamaModel(nn.Module):
         angles = jnp.concatenate([angles, angles], axis=-1)
         cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
         block_kwargs = {"config": c, "decode": decode, **kw}
-        x = run_layers(LlamaBlock, c.num_layers, self.scan, "layers", x, attention_mask, cos, sin, **block_kwargs)
+        x = run_layers(
+            LlamaBlock, c.num_layers, self.scan, "layers", x, attention_mask, cos, sin, remat=self.remat, **block_kwargs
+        )
         return rms_norm(c, name="norm", **kw)(x)
 
 
@@ -200,12 +203,16 @@ class LlamaForCausalLM(nn.Module):
     (see `jlora.models.generate`); `logits_last` > 0 computes logits for the last that many
     positions only (a training loss on completions at the end of left-padded rows needs no
     more).
+
+    `remat` recomputes each layer in the backward pass instead of keeping its activations
+    (`jlora.models.layers.run_layers`); parameters and outputs are the same.
     """
 
     config: LlamaConfig
     scan: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, decode: bool = False, logits_last: int = 0):
@@ -215,7 +222,7 @@ class LlamaForCausalLM(nn.Module):
             if decode:
                 raise ValueError("decode=True needs explicit positions (jlora.models.generate computes them)")
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        model = LlamaModel(self.config, self.scan, self.dtype, self.param_dtype, name="model")
+        model = LlamaModel(self.config, self.scan, self.dtype, self.param_dtype, self.remat, name="model")
         hidden = model(input_ids, attention_mask, positions, decode)
         if logits_last:  # only the last positions' logits: the vocabulary projection is costly
             hidden = hidden[:, -logits_last:]
