@@ -136,7 +136,7 @@ def test_fingerprint_sees_every_element_and_ignores_nothing():
 
 KILLED_WRITE = textwrap.dedent(
     """
-    import os, signal, sys
+    import os, pathlib, signal, sys, time
     import jax, jax.numpy as jnp
     import jlora
     from jlora.checkpoint import Checkpoints, fingerprint
@@ -149,8 +149,11 @@ KILLED_WRITE = textwrap.dedent(
     checkpoints.wait()
     big = {"dense": {"lora_a": jnp.ones((4096, 8192)), "lora_b": jnp.ones((8192, 4096))}}  # 256 MB
     checkpoints.save(2, big, None, config=config, base_fingerprint=fingerprint(base))
+    root = pathlib.Path(sys.argv[1])
+    while not any("tmp" in p.name for p in root.iterdir()):  # the background write has begun
+        time.sleep(0.001)
     print("writing", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)  # while step 2 is being written in the background
+    os.kill(os.getpid(), signal.SIGKILL)  # while step 2 is being written
     """
 )
 
