@@ -10,6 +10,7 @@ stacked adapters along with their kernels).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,7 +28,6 @@ from jlora.tree import LORA_A, LORA_B, PyTree, adapted_modules, path_str
 def lora_branch(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array, einsum_str: str | None = None):
     """``x · A · B`` for `module`'s contraction of x, in its compute dtype, accumulated in f32."""
     x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
-    n_in = a.ndim - 1
     if isinstance(module, nn.Einsum):
         x_sub, k_sub, out_sub, is_in = einsum_axes(einsum_str or module.einsum_str)
         ins = "".join(c for c, i in zip(k_sub, is_in, strict=False) if i)
@@ -38,8 +38,48 @@ def lora_branch(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array, ein
         return jnp.einsum(f"{mid},{rank}{outs}->{out_sub}", h.astype(b.dtype), b, preferred_element_type=jnp.float32)
     axes = (-1,) if isinstance(module, nn.Dense) else module.axis
     axes = tuple(ax % x.ndim for ax in (axes if isinstance(axes, tuple | list) else (axes,)))
-    h = lax.dot_general(x, a, ((axes, tuple(range(n_in))), ((), ())), preferred_element_type=jnp.float32)
-    return lax.dot_general(h.astype(b.dtype), b, (((h.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return _factored(axes, x, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _factored(axes: tuple[int, ...], x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``(x · A) · B`` contracting `axes` of x with A's leading axes, accumulated in float32.
+
+    Its own backward pass computes A's gradient as ``(g_h^T x)^T``: the large x is then
+    contracted over its token axes as a matmul's right operand, which XLA:CPU's GEMMs take
+    as it lies, where autodiff's ``x^T g_h`` would transpose a copy of x first (for an MLP's
+    down projection, a strided pass over the (tokens, 4·embed) activations every layer)."""
+    return _factored_fwd(axes, x, a, b)[0]
+
+
+def _factored_fwd(axes, x, a, b):
+    h = lax.dot_general(x, a, ((axes, tuple(range(len(axes)))), ((), ())), preferred_element_type=jnp.float32)
+    out = lax.dot_general(h.astype(b.dtype), b, (((h.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return out, (x, a, b, h.astype(b.dtype))
+
+
+def _factored_bwd(axes, residuals, g):
+    x, a, b, h = residuals
+    tokens = tuple(i for i in range(x.ndim) if i not in axes)  # x's free axes, in order: h's leading axes
+    token_axes = tuple(range(len(tokens)))
+    n_out = b.ndim - 1
+    g_axes = tuple(range(g.ndim - n_out, g.ndim))
+    g = g.astype(b.dtype)
+    g_h = lax.dot_general(g, b, ((g_axes, tuple(range(1, b.ndim))), ((), ())), preferred_element_type=jnp.float32)
+    db = lax.dot_general(h, g, ((token_axes, token_axes), ((), ())), preferred_element_type=jnp.float32)
+    g_h = g_h.astype(a.dtype)
+    # (r, *x's contracted axes in increasing order) -> A's layout (*axes in A's order, r)
+    da_t = lax.dot_general(g_h, x, ((token_axes, tokens), ((), ())), preferred_element_type=jnp.float32)
+    order = sorted(range(len(axes)), key=lambda i: axes[i])  # A's axis i is x's axis axes[i]
+    da = jnp.transpose(da_t, (*(1 + order.index(i) for i in range(len(axes))), 0))
+    dx = lax.dot_general(g_h, a, (((g_h.ndim - 1,), (a.ndim - 1,)), ((), ())), preferred_element_type=jnp.float32)
+    # dx comes out (*tokens, *A's input axes); put the input axes back where x has them
+    positions = list(tokens) + list(axes)
+    dx = jnp.transpose(dx, [positions.index(i) for i in range(x.ndim)])
+    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+_factored.defvjp(_factored_fwd, _factored_bwd)
 
 
 def _dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:

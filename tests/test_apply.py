@@ -79,6 +79,23 @@ def test_factored_equals_merged(kind, d_in, d_out, heads, r, targets, stacked, r
     assert not np.allclose(factored, model.apply({"params": base}, x), atol=1e-3)  # the adapters matter
     # float32: both sum at most ~30 products of O(1) terms; 1e-5 is ~100 ulp of the outputs.
     np.testing.assert_allclose(factored, merged, rtol=1e-5, atol=1e-5)
+    # the factored path's own backward pass (jlora.apply._factored) against autodiff of the merged one
+    adapters, frozen = jlora.split(params, config)
+    weights = jax.random.normal(jax.random.key(seed + 3), factored.shape)
+
+    def loss(adapters, x, factored: bool):
+        joined = jlora.join(adapters, frozen)
+        out = (
+            jlora.apply(model, joined, config, x)
+            if factored
+            else model.apply({"params": jlora.merge(joined, config)}, x)
+        )
+        return (out * weights).sum()
+
+    ours = jax.grad(loss, argnums=(0, 1))(adapters, x, True)
+    theirs = jax.grad(loss, argnums=(0, 1))(adapters, x, False)
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # float32, sums of ~100 O(1) products
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])

@@ -3,7 +3,6 @@ the backward pass."""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
