@@ -60,13 +60,17 @@ def row(name: str, config: LlamaConfig, axis_sizes: dict, local: int, seq: int, 
     adapter_specs, base_specs = jlora.split(mesh_specs, lora)
     tokens = jax.ShapeDtypeStruct((local, seq), jnp.int32)
 
-    def loss(adapters, frozen, tokens):
-        logits = jlora.apply(model, jlora.join(adapters, frozen), lora, tokens)
-        return jax.nn.logsumexp(logits.astype(jnp.float32), -1).mean()
+    def residuals(model) -> int:
+        def loss(adapters, frozen, tokens):
+            logits = jlora.apply(model, jlora.join(adapters, frozen), lora, tokens)
+            return jax.nn.logsumexp(logits.astype(jnp.float32), -1).mean()
 
-    residuals = sum(
-        math.prod(aval.shape) * aval.dtype.itemsize for aval, _ in saved_residuals(loss, adapters, frozen, tokens)
-    )
+        saved = saved_residuals(loss, adapters, frozen, tokens)  # the parameters themselves are counted above
+        return sum(math.prod(a.shape) * a.dtype.itemsize for a, why in saved if not why.startswith("from the argument"))
+
+    kept = residuals(model)
+    # remat=True keeps each layer's input; the layer being differentiated is recomputed whole
+    kept_remat = residuals(model.clone(remat=True)) + kept / config.num_layers
     adapter_bytes = per_device_bytes(adapters, adapter_specs, axis_sizes)
     return {
         "model": name,
@@ -74,7 +78,8 @@ def row(name: str, config: LlamaConfig, axis_sizes: dict, local: int, seq: int, 
         "base": per_device_bytes(frozen, base_specs, axis_sizes),
         "adapters": adapter_bytes,
         "optimizer": 2 * adapter_bytes * 4 / jnp.dtype(lora.dtype).itemsize,  # Adam: two float32 moments
-        "activations": residuals / axis_sizes["tensor"],
+        "activations": kept / axis_sizes["tensor"],
+        "activations_remat": kept_remat / axis_sizes["tensor"],
         "global_batch": local * axis_sizes["data"] * axis_sizes["fsdp"],
     }
 
@@ -92,25 +97,29 @@ def main() -> None:
         f"adapters and Adam state, {args.local_batch} sequence(s) of {args.seq} tokens per data-parallel rank. "
         "From `python benchmarks/memory.py` (shapes by `jax.eval_shape`, no allocation).",
         "",
-        "| model | mesh | global batch | base | adapters | optimizer state | activations | total |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | mesh | global batch | base | adapters | optimizer state | activations | total "
+        "| activations, remat | total, remat |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for spec in args.mesh or ["fsdp=8", "data=8,fsdp=8,tensor=4"]:
         sizes = sharding.parse_mesh(spec, math.prod(int(part.split("=")[1]) for part in spec.split(",")))
         for name, config in LLAMA3.items():
             r = row(name, config, sizes, args.local_batch, args.seq, args.rank, jnp.bfloat16)
-            cells = [r["base"], r["adapters"], r["optimizer"], r["activations"]]
+            cells = [r["base"], r["adapters"], r["optimizer"]]
+            columns = [*cells, r["activations"], sum(cells) + r["activations"]]
+            columns += [r["activations_remat"], sum(cells) + r["activations_remat"]]
             lines.append(
                 f"| {name} ({r['parameters'] / 1e9:.2f} B) | {spec} ({math.prod(sizes.values())} devices) | "
-                f"{r['global_batch']} | " + " | ".join(f"{c / GIB:.2f} GiB" for c in [*cells, sum(cells)]) + " |"
+                f"{r['global_batch']} | " + " | ".join(f"{c / GIB:.2f} GiB" for c in columns) + " |"
             )
     lines += [
         "",
         "Activations are the residuals the step saves for its backward pass, divided by the tensor axis (which "
         "splits the heads and MLP width that hold nearly all of them). They dominate: jlora's attention keeps "
-        "the (heads, seq, seq) probabilities, about 0.5 GiB per layer per 2,048-token sequence at 32 heads, and "
-        "there is no rematerialisation yet; `jax.checkpoint` per layer or a fused attention kernel would cut "
-        "them to about one residual stream per layer. XLA's temporaries come on top.",
+        "the (heads, seq, seq) probabilities, about 0.5 GiB per layer per 2,048-token sequence at 32 heads. "
+        "With `remat=True` (`jlora train --remat`) each layer keeps only its input, and the layer being "
+        "differentiated is recomputed whole (counted: one layer's residuals on top), for about one more "
+        "forward pass of time. XLA's temporaries come on top.",
     ]
     pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
