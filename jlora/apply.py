@@ -59,24 +59,26 @@ def _factored_fwd(axes, x, a, b):
 
 
 def _factored_bwd(axes, residuals, g):
+    # in float32, as autodiff of the forward does (and XLA:CPU has no bf16 x bf16 -> f32 dot
+    # for every shape these take)
     x, a, b, h = residuals
+    dtypes = x.dtype, a.dtype, b.dtype
+    x, a, b, h, g = (t.astype(jnp.float32) for t in (x, a, b, h, g))
     tokens = tuple(i for i in range(x.ndim) if i not in axes)  # x's free axes, in order: h's leading axes
     token_axes = tuple(range(len(tokens)))
     n_out = b.ndim - 1
     g_axes = tuple(range(g.ndim - n_out, g.ndim))
-    g = g.astype(b.dtype)
-    g_h = lax.dot_general(g, b, ((g_axes, tuple(range(1, b.ndim))), ((), ())), preferred_element_type=jnp.float32)
-    db = lax.dot_general(h, g, ((token_axes, token_axes), ((), ())), preferred_element_type=jnp.float32)
-    g_h = g_h.astype(a.dtype)
+    g_h = lax.dot_general(g, b, ((g_axes, tuple(range(1, b.ndim))), ((), ())))
+    db = lax.dot_general(h, g, ((token_axes, token_axes), ((), ())))
     # (r, *x's contracted axes in increasing order) -> A's layout (*axes in A's order, r)
-    da_t = lax.dot_general(g_h, x, ((token_axes, tokens), ((), ())), preferred_element_type=jnp.float32)
+    da_t = lax.dot_general(g_h, x, ((token_axes, tokens), ((), ())))
     order = sorted(range(len(axes)), key=lambda i: axes[i])  # A's axis i is x's axis axes[i]
     da = jnp.transpose(da_t, (*(1 + order.index(i) for i in range(len(axes))), 0))
-    dx = lax.dot_general(g_h, a, (((g_h.ndim - 1,), (a.ndim - 1,)), ((), ())), preferred_element_type=jnp.float32)
+    dx = lax.dot_general(g_h, a, (((g_h.ndim - 1,), (a.ndim - 1,)), ((), ())))
     # dx comes out (*tokens, *A's input axes); put the input axes back where x has them
     positions = list(tokens) + list(axes)
     dx = jnp.transpose(dx, [positions.index(i) for i in range(x.ndim)])
-    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+    return tuple(t.astype(dtype) for t, dtype in zip((dx, da, db), dtypes, strict=True))
 
 
 _factored.defvjp(_factored_fwd, _factored_bwd)
