@@ -151,13 +151,13 @@ def main() -> None:
         "inference: base, merged, factored; adapter bytes",
         {"infer": {"side": "jlora-infer"}},
         [("infer", "base"), ("infer", "merged"), ("infer", "factored")],
-        rounds=2 * repeats,
+        rounds=repeats if args.quick else 2 * repeats,
     )
     group(
         "many adapters: a mixed batch over 4 adapters vs the base alone and vs 4 separate batches",
         {"multi": {"side": "jlora-multi"}},
         [("multi", "base"), ("multi", "mixed"), ("multi", "separate")],
-        rounds=2 * repeats,
+        rounds=repeats if args.quick else 2 * repeats,
     )
     group("compile time, unrolled layers", {"jlora-unrolled": jlora_spec("lora", scan=False, compile_only=True)}, [], 0)
 
