@@ -88,9 +88,9 @@ def jlora_spec(mode: str, dtype: str = "float32", **extra) -> dict:
     return {"side": "jlora", "mode": mode, "dtype": dtype, "scan": True, **extra}
 
 
-def hf_config_dict() -> dict:
-    """The preset's architecture as a transformers LlamaConfig dict (for the torch side,
-    which then needs no JAX)."""
+def architecture() -> tuple:
+    """The preset's `LlamaConfig` (for the FLOP count) and the same as a transformers
+    LlamaConfig dict (for the torch side, which then needs no JAX)."""
     import gguf
 
     from jlora.models import locate
@@ -109,7 +109,7 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 10)
     began = time.perf_counter()
     log = lambda text: print(f"[{time.perf_counter() - began:6.0f}s] {text}", flush=True)
-    config, hf = hf_config_dict()
+    config, hf = architecture()
     torch_spec = lambda dtype: {"side": "torch", "dtype": dtype, "hf_config": hf}
     times, info = {}, {}
 
