@@ -1,0 +1,1 @@
+"""Reproducible studies of LoRA on real models and data; see experiments/README.md."""
