@@ -149,7 +149,9 @@ def run(
     key = run_key(setup, method, config)
     row_file = runs / f"{key}.json"
     if row_file.exists():
-        return json.loads(row_file.read_text())
+        row = json.loads(row_file.read_text())
+        if "checkpoint_mb" in row or not checkpoint_size:
+            return row  # else train it again (deterministic) to measure its checkpoint
     params = setup.pretrained.params
     if method.adapters:
         params = jlora.init(params, method.lora, jax.random.key(seed), specs=setup.pretrained.kernel_specs())
@@ -289,12 +291,13 @@ def pm(field: str, scale: float = 1.0, digits: int = 1) -> Callable[[list[dict]]
 
 
 def first(field: str, fmt: str = "{:,}") -> Callable[[list[dict]], str]:
-    """Renders a field that is the same for every run of a group."""
-    return lambda group: fmt.format(group[0][field])
+    """Renders a field that is the same for every run of a group ("–" where it has none)."""
+    return lambda group: fmt.format(group[0][field]) if field in group[0] else "–"
 
 
 def median(field: str, fmt: str = "{:.3f}") -> Callable[[list[dict]], str]:
-    return lambda group: fmt.format(float(np.median([r[field] for r in group])))
+    """Renders the median of `field` over a group ("–" where it has none)."""
+    return lambda group: fmt.format(float(np.median([r[field] for r in group]))) if field in group[0] else "–"
 
 
 def write_markdown(path: pathlib.Path, title: str, table: str, config: dict, seconds: float, notes: str = "") -> None:
@@ -315,29 +318,37 @@ def accuracy_bars(rows: list[dict], path: pathlib.Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     groups = grouped(rows)
-    names = list(groups)
+    names = list(groups)[::-1]  # first method on top
     stats = [mean_std([100 * r["accuracy"] for r in groups[n]]) for n in names]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    bars = ax.bar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="tab:blue")
-    for bar, name in zip(bars, names, strict=True):
-        share = groups[name][0]["trainable_percent"]
-        ax.annotate(
-            f"{share:.3g}% trained",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-            xytext=(0, 6),
-            textcoords="offset points",
-        )
-    ax.set_xticks(range(len(names)), names, fontsize=8)
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.4))
+    ax.barh(range(len(names)), [m for m, _ in stats], xerr=[s for _, s in stats], capsize=3, color="tab:blue")
+    for y, (name, (mean, std)) in enumerate(zip(names, stats, strict=True)):
+        label = f"{mean:.1f}%  ({groups[name][0]['trainable']:,} trained, {groups[name][0]['trainable_percent']:.3g}%)"
+        ax.annotate(label, (mean + std, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
     low = min(m - s for m, s in stats)
-    ax.set_ylim(max(0, low - 5), 100)
-    ax.set_ylabel("held-out accuracy % (mean ± std)")
-    ax.set_title(title)
+    ax.set_xlim(max(0, low - 5), 100)
+    ax.set_xlabel("held-out accuracy % (mean ± std over seeds)")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def study_config(setup: Setup, scale: Scale, methods: Sequence[Method]) -> dict:
+    """What a study ran: model, data sizes, schedule, seeds and every method's settings."""
+    return {
+        "model": setup.model,
+        "data": {"train_rows": len(setup.train), "held_out_rows": len(setup.held_out), "seq_len": setup.data.seq_len},
+        "steps": scale.steps,
+        "batch_size": scale.batch_size,
+        "seeds": list(scale.seeds),
+        "optimizer": "AdamW (no weight decay), 10% linear warmup, cosine decay, global-norm clipping at 1",
+        "methods": {
+            m.name: {"learning_rate": m.learning_rate, "adapters": m.adapters, "lora": m.lora.to_dict()}
+            for m in methods
+        },
+    }
 
 
 # -- command line --------------------------------------------------------------------------------

@@ -90,30 +90,20 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(
                 common.run(setup, method, seed, scale.steps, scale.batch_size, args.out / "runs", checkpoint_size=True)
             )
-    config = {
-        "model": setup.model,
-        "data": {"train_rows": len(setup.train), "held_out_rows": len(setup.held_out), "seq_len": setup.data.seq_len},
-        "steps": scale.steps,
-        "batch_size": scale.batch_size,
-        "seeds": list(scale.seeds),
-        "methods": {
-            m.name: {"learning_rate": m.learning_rate, "lora": m.lora.to_dict(), "adapters": m.adapters}
-            for m in METHODS
-        },
-        "linear_probe": "L-BFGS logistic regression, L2 1e-3, 200 iterations, standardised mean-pooled embeddings",
+    config = common.study_config(setup, scale, METHODS) | {
+        "linear_probe": "L-BFGS logistic regression, L2 1e-3, 200 iterations, standardised mean-pooled embeddings"
     }
     seconds = time.perf_counter() - started
     common.write_csv(args.out / "methods.csv", rows, config)
-    missing = lambda field, fmt: lambda g: fmt.format(g[0][field]) if field in g[0] else "–"
     table = common.summary_table(
         rows,
         {
             "held-out accuracy %": common.pm("accuracy", 100),
             "trainable": common.first("trainable"),
             "trainable %": common.first("trainable_percent", "{:.3f}"),
-            "peak step memory MB": missing("peak_step_memory_mb", "{:.0f}"),
-            "step s (median)": lambda g: f"{np.median([r['step_s'] for r in g]):.3f}" if "step_s" in g[0] else "–",
-            "checkpoint MB": missing("checkpoint_mb", "{:.2f}"),
+            "peak step memory MB": common.first("peak_step_memory_mb", "{:.0f}"),
+            "step s (median)": common.median("step_s"),
+            "checkpoint MB": common.first("checkpoint_mb", "{:.2f}"),
         },
     )
     common.write_markdown(
