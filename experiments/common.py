@@ -34,8 +34,9 @@ from jlora import train as training
 from jlora.checkpoint import Checkpoints, fingerprint
 from jlora.tree import flatten, path_str, unflatten
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jlora-experiments-xla-cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # a persistent cache: reruns compile nothing again
+    jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "jlora-experiments-xla-cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 ENCODER = "all-minilm-l6-v2"
