@@ -301,6 +301,14 @@ def median(field: str, fmt: str = "{:.3f}") -> Callable[[list[dict]], str]:
     return lambda group: fmt.format(float(np.median([r[field] for r in group]))) if field in group[0] else "–"
 
 
+def accuracy_columns(loss: bool = False) -> dict[str, Callable[[list[dict]], str]]:
+    """The columns every study's table starts with: held-out accuracy (and loss), trained share."""
+    columns = {"held-out accuracy %": pm("accuracy", 100)}
+    if loss:
+        columns["held-out loss"] = pm("loss", 1, 3)
+    return columns | {"trainable": first("trainable"), "trainable %": first("trainable_percent", "{:.3f}")}
+
+
 def write_markdown(path: pathlib.Path, title: str, table: str, config: dict, seconds: float, notes: str = "") -> None:
     notes = f"{notes}\n\n" if notes else ""
     text = (

@@ -60,11 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     common.write_csv(args.out / "decoder.csv", rows, config)
     table = common.summary_table(
         rows,
-        {
-            "held-out accuracy %": common.pm("accuracy", 100),
-            "held-out loss": common.pm("loss", 1, 3),
-            "trainable": common.first("trainable"),
-            "trainable %": common.first("trainable_percent", "{:.3f}"),
+        common.accuracy_columns(loss=True)
+        | {
             "step s (median)": common.median("step_s", "{:.2f}"),
         },
     )

@@ -43,10 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     common.write_csv(args.out / "freezing.csv", rows, config)
     table = common.summary_table(
         rows,
-        {
-            "held-out accuracy %": common.pm("accuracy", 100),
-            "trainable": common.first("trainable"),
-            "trainable %": common.first("trainable_percent", "{:.3f}"),
+        common.accuracy_columns()
+        | {
             "step s (median)": common.median("step_s"),
         },
     )

@@ -97,10 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     common.write_csv(args.out / "methods.csv", rows, config)
     table = common.summary_table(
         rows,
-        {
-            "held-out accuracy %": common.pm("accuracy", 100),
-            "trainable": common.first("trainable"),
-            "trainable %": common.first("trainable_percent", "{:.3f}"),
+        common.accuracy_columns()
+        | {
             "peak step memory MB": common.first("peak_step_memory_mb", "{:.0f}"),
             "step s (median)": common.median("step_s"),
             "checkpoint MB": common.first("checkpoint_mb", "{:.2f}"),

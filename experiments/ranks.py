@@ -36,12 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     common.write_csv(args.out / "ranks.csv", rows, config)
     table = common.summary_table(
         rows,
-        {
-            "held-out accuracy %": common.pm("accuracy", 100),
-            "held-out loss": common.pm("loss", 1, 3),
-            "trainable": common.first("trainable"),
-            "trainable %": common.first("trainable_percent", "{:.3f}"),
-        },
+        common.accuracy_columns(loss=True),
         by="r",
     )
     title = "Study 3: rank sweep of LoRA on q,v, all-MiniLM-L6-v2 / Rotten Tomatoes"
