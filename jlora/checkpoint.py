@@ -5,10 +5,13 @@ and ``meta`` (JSON: the step, the data position, the `LoraConfig` and a `fingerp
 the frozen base). `Checkpoints` wraps an `orbax.checkpoint.CheckpointManager`: saves are
 asynchronous by default, old steps are pruned by `max_to_keep` (or kept best-by-metric),
 and every step is written to a temporary folder that is renamed only once complete, so a
-process killed mid-write leaves the earlier steps intact and the half-written one ignored.
+process killed mid-write leaves the earlier steps intact; opening the folder again removes
+the half-written one before anything else happens.
 
 Restoring reads the saved fingerprint first: adapters trained against another base are an
-error that says what differs, unless `force=True`.
+error that says what differs, unless `force=True`. `meta` also holds a digest of every saved
+array, checked after reading: a damaged step (a truncated or altered file) is a
+`DamagedCheckpoint` naming the step and the complete ones before it, never wrong values.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import pathlib
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +32,7 @@ from jlora.config import LoraConfig
 from jlora.tree import PyTree, flatten, path_str
 
 ITEMS = ("adapters", "opt_state", "meta")
+UNFINISHED = "*.orbax-checkpoint-tmp*"  # Orbax's name for a step folder still being written
 
 
 # -- the base model's fingerprint ----------------------------------------------------------------
@@ -93,7 +98,21 @@ def fingerprint_difference(saved: Mapping, current: Mapping) -> str | None:
     return "; ".join(problems[:5]) + more
 
 
+def leaf_digests(tree: PyTree) -> dict[str, str]:
+    """Per leaf of any pytree (optimizer states included): its dtype and content digest."""
+    paths_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    digests = jax.device_get(_digests([leaf for _, leaf in paths_leaves]))
+    return {
+        jax.tree_util.keystr(path): f"{jnp.asarray(leaf).dtype}:{np.asarray(digest).tobytes().hex()}"
+        for (path, leaf), digest in zip(paths_leaves, digests, strict=True)
+    }
+
+
 # -- checkpoints ---------------------------------------------------------------------------------
+
+
+class DamagedCheckpoint(ValueError):
+    """A saved step whose files cannot be read or whose arrays differ from what was saved."""
 
 
 @dataclasses.dataclass
@@ -145,9 +164,12 @@ class Checkpoints:
             best_fn=(lambda metrics: float(metrics[best_metric])) if best_metric else None,
             best_mode=best_mode,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # what a killed write left behind
+            cleanup_tmp_directories=False,  # done below, before the manager looks: Orbax does it in a thread
             create=True,
         )
+        if jax.process_index() == 0:
+            for unfinished in self.directory.glob(UNFINISHED):  # what a killed write left behind
+                shutil.rmtree(unfinished)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def save(
@@ -165,11 +187,13 @@ class Checkpoints:
         caller may donate them to the next step). `opt_state` None saves adapters alone
         (an export, not a resumable step). `extra` is JSON kept in `meta`, such as the data
         position. Returns whether a save was started."""
+        saved = {"adapters": adapters} if opt_state is None else {"adapters": adapters, "opt_state": opt_state}
         meta = {
             "step": step,
             "lora": config.to_dict(),
             "base": dict(base_fingerprint),
             "metrics": dict(metrics or {}),
+            "digests": {name: leaf_digests(tree) for name, tree in saved.items()},
             **dict(extra or {}),
         }
         items = {"adapters": ocp.args.StandardSave(adapters), "meta": ocp.args.JsonSave(meta)}
@@ -201,7 +225,7 @@ class Checkpoints:
             raise FileNotFoundError(f"{self.directory} holds no complete checkpoint")
         if step not in self.all_steps():
             raise FileNotFoundError(f"{self.directory} has no checkpoint of step {step}; it has {self.all_steps()}")
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = self._read(step, {"meta": ocp.args.JsonRestore()})["meta"]
         if base_fingerprint is not None and not force:
             difference = fingerprint_difference(meta["base"], base_fingerprint)
             if difference:
@@ -214,8 +238,33 @@ class Checkpoints:
             if not (self.directory / str(step) / "opt_state").exists():
                 raise ValueError(f"{self.directory} step {step} has no optimizer state (an import?): it cannot resume")
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like, opt_state_shardings))
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._read(step, items)
+        for name, digests in meta.get("digests", {}).items():
+            if name in restored and restored[name] is not None:
+                self._check(step, name, digests, leaf_digests(restored[name]))
         return Restored(step, restored["adapters"], restored.get("opt_state") if opt_state_like else None, meta)
+
+    def _read(self, step: int, items: dict) -> dict:
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, OSError) as err:  # tensorstore's and json's words for a truncated or altered file
+            raise self._damaged(step, f"its files cannot be read ({str(err).splitlines()[0][:300]})") from None
+
+    def _check(self, step: int, name: str, saved: Mapping[str, str], now: Mapping[str, str]) -> None:
+        """Every restored leaf whose dtype is the saved one has the saved content."""
+        for path, digest in saved.items():
+            if path in now and now[path].split(":")[0] == digest.split(":")[0] and now[path] != digest:
+                raise self._damaged(step, f"{name}{path} differs from what was saved (content digest)")
+
+    def _damaged(self, step: int, reason: str) -> DamagedCheckpoint:
+        earlier = [s for s in self.all_steps() if s < step]
+        fallback = (
+            f"the steps kept before it are {earlier}: delete {self.directory / str(step)} to fall back to "
+            f"step {earlier[-1]}, or restore step={earlier[-1]}"
+            if earlier
+            else "no earlier step is kept"
+        )
+        return DamagedCheckpoint(f"{self.directory} step {step} is damaged: {reason}; {fallback}")
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

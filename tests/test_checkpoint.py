@@ -1,5 +1,6 @@
 """Adapter checkpoints: exact round trips, pruning, other meshes, other bases, killed writes."""
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jlora
-from jlora.checkpoint import Checkpoints, fingerprint
+from jlora.checkpoint import Checkpoints, DamagedCheckpoint, fingerprint, leaf_digests
 from tests.conftest import build, perturb
 
 
@@ -136,10 +137,15 @@ def test_fingerprint_sees_every_element_and_ignores_nothing():
 
 KILLED_WRITE = textwrap.dedent(
     """
-    import os, pathlib, signal, sys, time
-    import jax, jax.numpy as jnp
+    import os, signal, sys
+    import jax.numpy as jnp
+    from orbax.checkpoint._src.path import atomicity
     import jlora
-    from jlora.checkpoint import Checkpoints, fingerprint
+    from jlora.checkpoint import Checkpoints, DamagedCheckpoint, fingerprint, leaf_digests
+
+    def killed(self, *args, **kwargs):  # every file of the step is written; the rename that commits it is next
+        print("writing", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     config = jlora.LoraConfig(r=2, target_modules=["dense"])
     base = {"dense": {"kernel": jnp.ones((4, 4))}}
@@ -147,33 +153,73 @@ KILLED_WRITE = textwrap.dedent(
     small = {"dense": {"lora_a": jnp.full((4, 2), 1.0), "lora_b": jnp.full((2, 4), 2.0)}}
     checkpoints.save(1, small, None, config=config, base_fingerprint=fingerprint(base))
     checkpoints.wait()
-    big = {"dense": {"lora_a": jnp.ones((4096, 8192)), "lora_b": jnp.ones((8192, 4096))}}  # 256 MB
-    checkpoints.save(2, big, None, config=config, base_fingerprint=fingerprint(base))
-    root = pathlib.Path(sys.argv[1])
-    while not any("tmp" in p.name for p in root.iterdir()):  # the background write has begun
-        time.sleep(0.001)
-    print("writing", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)  # while step 2 is being written
+    for temporary in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+        temporary.finalize = killed
+    checkpoints.save(2, {"dense": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 4))}}, None, config=config,
+                     base_fingerprint=fingerprint(base))
+    checkpoints.wait()
+    print("not killed", flush=True)
     """
 )
 
 
 def test_a_write_killed_half_way_leaves_the_previous_step_restorable(tmp_path):
+    """Deterministic: the child kills itself at the last moment of writing step 2, with all
+    of its files on disk but the step not committed (no timing, whatever the load)."""
     directory = tmp_path / "ckpt"
     child = subprocess.run(
         [sys.executable, "-c", KILLED_WRITE, str(directory)], capture_output=True, text=True, timeout=300
     )
     assert child.returncode == -signal.SIGKILL, child.stderr
-    assert "writing" in child.stdout
-    leftovers = [p.name for p in directory.iterdir() if p.name not in ("1",)]
-    assert leftovers and all("tmp" in name for name in leftovers), leftovers  # step 2 began and never completed
+    assert child.stdout.split() == ["writing"]
+    leftovers = [p.name for p in directory.iterdir() if p.name != "1"]
+    assert len(leftovers) == 1 and "tmp" in leftovers[0], leftovers  # step 2 was written and never committed
     template = {"dense": {"lora_a": jnp.zeros((4, 2)), "lora_b": jnp.zeros((2, 4))}}
     with Checkpoints(directory) as checkpoints:
+        assert os.listdir(directory) == ["1"]  # opening removed the half-written step, before returning
         assert checkpoints.all_steps() == [1]
         restored = checkpoints.restore(template)
     assert restored.step == 1
     np.testing.assert_array_equal(restored.adapters["dense"]["lora_b"], np.full((2, 4), 2.0))
-    assert os.listdir(directory) == ["1"]  # reopening cleaned the half-written step away
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_a_damaged_step_is_reported_with_the_step_and_the_one_before(tmp_path, damage):
+    config = jlora.LoraConfig(r=2, target_modules=["dense"])
+    base = {"dense": {"kernel": jnp.ones((4, 4))}}
+    step_adapters = lambda s: {"dense": {"lora_a": jnp.full((64, 2), float(s)), "lora_b": jnp.full((2, 64), 2.0)}}
+    with Checkpoints(tmp_path, async_save=False) as checkpoints:
+        for step in (1, 2):
+            checkpoints.save(step, step_adapters(step), None, config=config, base_fingerprint=fingerprint(base))
+    tensors = [p for p in (tmp_path / "2" / "adapters").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert tensors
+    for path in tensors:  # a copy cut short, or bytes altered in place
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-16] + bytes(16))
+    with Checkpoints(tmp_path) as checkpoints, pytest.raises(DamagedCheckpoint) as error:
+        checkpoints.restore(step_adapters(0))
+    assert f"{tmp_path} step 2 is damaged" in str(error.value)
+    assert "fall back to step 1" in str(error.value)
+    with Checkpoints(tmp_path) as checkpoints:
+        np.testing.assert_array_equal(checkpoints.restore(step_adapters(0), step=1).adapters["dense"]["lora_a"], 1.0)
+
+
+def test_values_that_read_back_but_differ_from_the_saved_ones_are_refused(tmp_path):
+    """The content check itself: `meta` says what was saved; here it disagrees with the arrays."""
+    config = jlora.LoraConfig(r=2, target_modules=["dense"])
+    base = {"dense": {"kernel": jnp.ones((4, 4))}}
+    adapters = {"dense": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 4))}}
+    altered = {"dense": {**adapters["dense"], "lora_b": adapters["dense"]["lora_b"].at[1, 3].set(0)}}
+    assert leaf_digests(altered) != leaf_digests(adapters)  # one element of 16 changes the digest
+    with Checkpoints(tmp_path, async_save=False) as checkpoints:
+        checkpoints.save(1, adapters, None, config=config, base_fingerprint=fingerprint(base))
+        assert checkpoints.restore(adapters).meta["digests"]["adapters"] == leaf_digests(adapters)
+    meta_file = tmp_path / "1" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["digests"]["adapters"] = leaf_digests(altered)
+    meta_file.write_text(json.dumps(meta))
+    with Checkpoints(tmp_path) as checkpoints, pytest.raises(DamagedCheckpoint, match=r"\['lora_b'\] differs"):
+        checkpoints.restore(adapters)
 
 
 def test_restoring_from_an_empty_folder_says_so(tmp_path):
