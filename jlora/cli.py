@@ -11,8 +11,11 @@ jlora merge --adapter runs/default --out merged-model
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
+import os
 import pathlib
 import shutil
 import sys
@@ -23,6 +26,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_OUT = "runs/default"
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
+RUN_FILES = {RUN_FILE, "metrics.jsonl", "loss.png", CHECKPOINTS, "peft", "results.json"}  # all a run writes
+# exceptions that mean bad input (exit 2, a message); any other is a bug in jlora (exit 1)
+BAD_INPUT = (ValueError, OSError)
 
 
 @dataclasses.dataclass
@@ -158,7 +164,13 @@ def _read_config(path: pathlib.Path) -> dict:
         raise FileNotFoundError(f"config file {path} not found")
     import yaml
 
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        settings = yaml.safe_load(_read_text(path)) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML or JSON: {err}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections, got {type(settings).__name__}")
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="LoRA fine-tuning of Flax models in JAX. `jlora train` with no arguments fine-tunes "
         "SmolLM2-135M-Instruct on Rotten Tomatoes sentiment in a few minutes on a CPU.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (also JLORA_DEBUG=1 in the environment)"
     )
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="{train,eval,generate,merge,export-peft,import-peft}"
@@ -260,22 +275,102 @@ def build_parser() -> argparse.ArgumentParser:
 # -- commands -------------------------------------------------------------------------------------
 
 
-def check_out(out: pathlib.Path, run: Run, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder."""
-    if not out.exists() or not any(out.iterdir()):
-        return
+def check_out(out: pathlib.Path, run: Run, overwrite: bool) -> bool:
+    """Refuse to mix two runs in one folder, and to replace anything but a jlora run; True
+    when `out` holds a run that `--overwrite` will replace. Writes nothing."""
+    aside = previous_of(out)
+    if aside.exists():
+        raise FileExistsError(
+            f"{aside} holds the run that an interrupted --overwrite moved aside from {out}: "
+            f"get it back with `rm -r {out}; mv {aside} {out}`, or delete it, then run again"
+        )
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a folder")
+    held = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if not held:
+        return False
     if overwrite:
-        shutil.rmtree(out)
-        return
+        refuse_to_replace(out, held)
+        return True
     previous = out / RUN_FILE
     if previous.exists():
-        old, new = json.loads(previous.read_text()), json.loads(json.dumps(run.to_dict()))
+        old, new = _read_json(previous), json.loads(json.dumps(run.to_dict()))
         differs = sorted(k for k in new if old.get(k) != new[k])
         same = f"this run already (--resume {out} continues it)"
         what = f"a different run (differing: {', '.join(differs)})" if differs else same
     else:
-        what = "files that are not a jlora run"
+        what = f"files that are not a jlora run ({_listing(held)})"
     raise FileExistsError(f"{out} holds {what}; pass --overwrite to replace it or choose another --out")
+
+
+def refuse_to_replace(out: pathlib.Path, held: list[str]) -> None:
+    """`--overwrite` replaces a jlora run folder only: never the current directory or a
+    parent of it, the file system's root, the home directory, a repository, or a folder
+    holding anything a run does not write."""
+    path, here = out.resolve(), pathlib.Path.cwd().resolve()
+    if path == here or path in here.parents:
+        raise FileExistsError(f"--overwrite will not replace {out}: it is the current directory or a parent of it")
+    if path == pathlib.Path(path.anchor) or path == pathlib.Path.home().resolve() or (path / ".git").exists():
+        raise FileExistsError(f"--overwrite will not replace {out}: it is the root, the home directory or a repository")
+    foreign = [name for name in held if name not in RUN_FILES]
+    if RUN_FILE not in held or foreign:
+        raise FileExistsError(
+            f"--overwrite replaces only a jlora run folder ({RUN_FILE} and the files a run writes); {out} holds "
+            f"{_listing(foreign or held)}: choose another --out"
+        )
+
+
+def _listing(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def previous_of(out: pathlib.Path) -> pathlib.Path:
+    """Where `--overwrite` keeps the run it replaces until the new one is complete."""
+    out = out.resolve()
+    return out.with_name(f".{out.name}.previous")
+
+
+@contextlib.contextmanager
+def replacing(out: pathlib.Path, replace: bool, writer: bool = True):
+    """The body makes a run in `out`. With `replace`, the run there before is first moved
+    aside (`previous_of(out)`): it comes back if the new run fails before its first
+    checkpoint, and is deleted once the new run is complete (a `--resume` of a replacing
+    run that was killed completes the replacement the same way)."""
+    aside = previous_of(out)
+    if replace and writer:
+        out.rename(aside)
+        print(f"moved the previous run aside to {aside}; it is deleted once this run is complete")
+    try:
+        yield
+    except BaseException:
+        if writer and aside.exists():
+            if _has_checkpoint(out):
+                print(f"the run it replaces is kept in {aside}", file=sys.stderr)
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+                aside.rename(out)
+                print(f"the new run failed before its first checkpoint: {out} holds the previous run", file=sys.stderr)
+        raise
+    if writer and aside.exists():
+        doomed = aside.with_name(f"{aside.stem}.deleting")  # one rename, so a kill never leaves half a previous run
+        shutil.rmtree(doomed, ignore_errors=True)
+        aside.rename(doomed)
+        shutil.rmtree(doomed)
+
+
+def _has_checkpoint(out: pathlib.Path) -> bool:
+    folder = out / CHECKPOINTS
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def check_new_folder(out: str | pathlib.Path) -> pathlib.Path:
+    """A folder an export will create: it must not exist yet (refused before any loading)."""
+    out = pathlib.Path(out)
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(f"{out} exists; choose a new folder")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise FileExistsError(f"{out.parent} is a file, so {out} cannot be made there")
+    return out
 
 
 def load_model(run: Run, labels: int | None = None):
@@ -292,18 +387,26 @@ def load_model(run: Run, labels: int | None = None):
     return pretrained
 
 
-def prepare(run: Run):
-    """Everything up to training, validating as early as possible: data, model, adapters."""
+def prepare(run: Run, mesh=None):
+    """Everything up to training, validating as early as possible: data, model, adapters,
+    batch and mesh. Writes nothing."""
     import jax
 
     import jlora
     from jlora import data
 
-    table = data.read(run.data)  # missing files, empty data
+    table = data.read(run.data)  # missing or unreadable files, empty data
     data.check_columns(table, run.data)  # absent columns
-    pretrained = load_model(run, _labels(run, table))  # unknown presets
+    pretrained = load_model(run, _labels(run, table))  # unknown presets, files that are not models
     train, held_out = data.prepare(run.data, pretrained.tokenizer)  # seq_len too small
     params = jlora.init(pretrained.params, run.lora, jax.random.key(run.train.seed), specs=pretrained.kernel_specs())
+    data.check_batch(train, run.train.batch_size * run.train.grad_accum)
+    if mesh is not None:
+        from jlora.sharding import BATCH
+
+        shards = math.prod(mesh.shape[axis] for axis in BATCH)
+        if run.train.batch_size % shards:
+            raise ValueError(f"--batch-size {run.train.batch_size} does not split over the mesh's {shards} data shards")
     return pretrained, params, train, held_out
 
 
@@ -330,15 +433,14 @@ def resumed_run(args) -> tuple[Run, pathlib.Path]:
     given += ["--config"] * bool(args.config) + ["--scan"] * (args.scan is not None)
     if given:
         raise ValueError(f"--resume takes every setting from {out / RUN_FILE}; drop {', '.join(given)}")
-    return Run(**json.loads((out / RUN_FILE).read_text())), out
+    return _run_of(out), out
 
 
 def cmd_train(args) -> int:
+    """Validate everything (settings, out folder, data, model, targets, batch, mesh), then
+    train in `--out`: a run there is replaced only with `--overwrite`, and only once this
+    run is complete."""
     import jax
-
-    import jlora
-    from jlora import train as training
-    from jlora.checkpoint import Checkpoints
 
     started = time.perf_counter()
     mesh = start_devices(args)
@@ -347,10 +449,24 @@ def cmd_train(args) -> int:
         if (out / "results.json").exists():
             print(f"{out} is complete (results.json); nothing to resume")
             return 0
+        replace = False
     else:
         run, out = run_from_args(args), pathlib.Path(args.out)
-        check_out(out, run, args.overwrite)
-    pretrained, params, train_split, held_out = prepare(run)
+        replace = check_out(out, run, args.overwrite)
+    prepared = prepare(run, mesh)
+    with replacing(out, replace, writer=jax.process_index() == 0):
+        return train_run(run, out, *prepared, mesh=mesh, progress=not args.quiet, started=started)
+
+
+def train_run(run: Run, out: pathlib.Path, pretrained, params, train_split, held_out, *, mesh, progress, started):
+    """Evaluate, train, evaluate, export: the run folder `out`, continued where a killed
+    run of the same settings left it."""
+    import jax
+
+    import jlora
+    from jlora import train as training
+    from jlora.checkpoint import Checkpoints
+
     summary = jlora.summary(params, run.lora)
     print(f"model {run.model}: {summary.total:,} parameters, {summary.trainable:,} trainable ({summary.percent:.2f}%)")
     print(f"data: {len(train_split):,} training rows, {len(held_out):,} held out; seq_len {run.data.seq_len}")
@@ -364,17 +480,17 @@ def cmd_train(args) -> int:
     eval_step = training.make_eval_step(task)
     evals = {r["eval"]: r for r in training.read_metrics(metrics_file) if "eval" in r}  # kept by a resumed run
     if "before" not in evals:
-        evals["before"] = training.evaluate(eval_step, params, held_out, run.train.eval_batch_size, not args.quiet)
+        evals["before"] = training.evaluate(eval_step, params, held_out, run.train.eval_batch_size, progress)
         _report("before", 0, evals["before"], metrics_file)
     with Checkpoints(out / CHECKPOINTS, max_to_keep=run.train.keep_checkpoints) as checkpoints:
         if checkpoints.latest_step() is not None:
             print(f"resuming from step {checkpoints.latest_step()} of {out / CHECKPOINTS}")
         adapters, history = training.fit(
-            task, adapters, base, train_split, run.train, metrics_file, not args.quiet, checkpoints, mesh
+            task, adapters, base, train_split, run.train, metrics_file, progress, checkpoints, mesh
         )
     if "after" not in evals:
         params = jlora.join(adapters, base)
-        evals["after"] = training.evaluate(eval_step, params, held_out, run.train.eval_batch_size, not args.quiet)
+        evals["after"] = training.evaluate(eval_step, params, held_out, run.train.eval_batch_size, progress)
         _report("after", run.train.steps, evals["after"], metrics_file)
     if jax.process_count() > 1:  # every process holds a part of the adapters: gather them for the export
         from jax.experimental import multihost_utils
@@ -546,32 +662,68 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _run_of(folder: str) -> Run:
-    return Run(**json.loads((pathlib.Path(folder) / RUN_FILE).read_text()))
+def _run_of(folder: str | pathlib.Path) -> Run:
+    path = pathlib.Path(folder) / RUN_FILE
+    settings = _read_json(path)
+    if not isinstance(settings, dict) or set(settings) - {f.name for f in dataclasses.fields(Run)}:
+        raise ValueError(f"{path} is not a jlora run file (a JSON object of model, scan, data, lora, train)")
+    return Run(**settings)
+
+
+def _read_json(path: pathlib.Path):
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); is it damaged?") from None
 
 
 def _prompt_rows(args, paths: list[str], run: Run) -> list[tuple[int, str]]:
     """(adapter index or -1, prompt text) per row: `--prompts FILE` (JSONL with "prompt" or
     "input" and "adapter": one of the `--adapter` paths or "base"), or the one `--prompt` /
     `--input` with every adapter (or the base alone)."""
-    fill = lambda text: run.data.prompt.format(**{run.data.text_column: text})
     if args.prompts is None:
-        text = args.prompt if args.prompt is not None else fill(args.input)
+        text = args.prompt if args.prompt is not None else _fill(run, args.input)
         return [(i, text) for i in range(len(paths))] or [(-1, text)]
     rows = []
-    for number, line in enumerate(pathlib.Path(args.prompts).read_text().splitlines(), 1):
+    for number, line in enumerate(_read_text(pathlib.Path(args.prompts)).splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{args.prompts}:{number}: not a JSON row ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{args.prompts}:{number}: a row must be a JSON object, got {type(row).__name__}")
         adapter = row.get("adapter") or "base"
         if adapter != "base" and adapter not in paths:
             raise ValueError(f"{args.prompts}:{number}: adapter {adapter!r} is not one of --adapter {paths} or 'base'")
         if ("prompt" in row) == ("input" in row):
             raise ValueError(f"{args.prompts}:{number}: give exactly one of 'prompt' and 'input'")
-        rows.append((paths.index(adapter) if adapter != "base" else -1, row.get("prompt") or fill(row["input"])))
+        text = row["prompt"] if "prompt" in row else _fill(run, row["input"], f"{args.prompts}:{number}: ")
+        rows.append((paths.index(adapter) if adapter != "base" else -1, text))
     if not rows:
         raise ValueError(f"{args.prompts} holds no prompts")
     return rows
+
+
+def _fill(run: Run, text: str, where: str = "") -> str:
+    """The run's prompt template with `text` as its text column."""
+    from jlora.data import template_columns
+
+    others = sorted(template_columns(run.data.prompt) - {run.data.text_column})
+    if others:
+        raise ValueError(
+            f"{where}--input fills the column {run.data.text_column!r}, but the run's prompt template "
+            f"{run.data.prompt!r} also needs {others}: pass the whole prompt with --prompt instead"
+        )
+    return run.data.prompt.format(**{run.data.text_column: text})
+
+
+def _read_text(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
 
 
 def load_adapters(path: str, pretrained):
@@ -597,6 +749,7 @@ def cmd_merge(args) -> int:
     import jlora
     from jlora.models.export import save_hf
 
+    check_new_folder(args.out)
     run, pretrained, params, _, _ = load_run(args.adapter)
     out = save_hf(pretrained, jlora.merge(params, run.lora), args.out)
     print(f"wrote {out}/ (config.json, model.safetensors, tokenizer): load it with transformers' from_pretrained")
@@ -604,6 +757,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export_peft(args) -> int:
+    check_new_folder(args.out)
     run, pretrained, params, _, _ = load_run(args.run)
     out = export_peft(run, pretrained, params, pathlib.Path(args.out))
     print(f"wrote {out}/ (adapter_config.json, adapter_model.safetensors)")
@@ -622,8 +776,7 @@ def cmd_import_peft(args) -> int:
 
     source = pathlib.Path(args.dir)
     out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / source.absolute().name
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose a new --out")
+    check_new_folder(out)
     peft_config, _ = jlora.peft.read(source)
     settings = run_from_args(args).to_dict()
     if args.model is None:
@@ -676,12 +829,30 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success, 2 on bad input (a message that names the problem, as argparse
+    does for bad flags), 1 on an internal error (a one-line hint; `--debug` or JLORA_DEBUG=1
+    shows the traceback), 130 when interrupted."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("JLORA_DEBUG", "") not in ("", "0")
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except BAD_INPUT as err:
+        if debug:
+            raise
         print(f"jlora {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"jlora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        print(
+            f"jlora {args.command}: internal error: {type(err).__name__}: {err}\n"
+            "this is a bug in jlora: please report it with the traceback that --debug (or JLORA_DEBUG=1) shows",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ exactly the data an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import string
 from collections.abc import Iterator
@@ -107,13 +108,41 @@ def read(config: DataConfig):
     empty = ValueError(f"data files {list(config.files)} hold no rows")
     try:
         table = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train", **options)
-    except ValueError as err:  # datasets' words for a file with a header and no rows
-        if "corresponds to no data" in str(err):
+    except (ValueError, datasets.exceptions.DatasetsError) as err:
+        if "corresponds to no data" in str(err):  # datasets' words for a file with a header and no rows
             raise empty from None
-        raise
+        problem = next(filter(None, (unreadable(path, builder) for path in paths)), None)
+        raise ValueError(problem or f"data files {list(config.files)} cannot be read as {builder}: {err}") from None
     if len(table) == 0:
         raise empty
     return table
+
+
+def unreadable(path: pathlib.Path, builder: str) -> str | None:
+    """Why `path` is not a UTF-8 text file of `builder`'s format (a line number where it can
+    say), or None when it cannot tell; asked only once `datasets` has failed to read it."""
+    if builder == "parquet":
+        return None
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        return f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the file as UTF-8"
+    if builder != "json":
+        return None
+    try:
+        json.loads(text)  # one JSON document (a list of rows, or {"data": [...]})
+        return None
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), 1):  # JSON Lines: a row per line
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"{path}:{number}: not a JSON row ({err.msg} at column {err.colno})"
+    return None
 
 
 def template_columns(template: str) -> set[str]:
@@ -233,6 +262,15 @@ def prepare(config: DataConfig, tokenizer) -> tuple[Split, Split]:
 # -- batching ------------------------------------------------------------------------------------
 
 
+def check_batch(split: Split, batch_size: int) -> None:
+    """Refuse a batch (sequences per step, micro-batches included) larger than the data."""
+    if len(split) < batch_size:
+        raise ValueError(
+            f"{len(split)} training rows are fewer than one batch of {batch_size} (batch size x grad accum); "
+            "lower --batch-size / --grad-accum or add data"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Batches:
     """Batch `step` of a seeded, epoch-wise reshuffled pass over `split`: a pure function of
@@ -243,8 +281,7 @@ class Batches:
     seed: int = 0
 
     def __post_init__(self):
-        if len(self.split) < self.batch_size:
-            raise ValueError(f"{len(self.split)} training rows are fewer than one batch of {self.batch_size}")
+        check_batch(self.split, self.batch_size)
 
     @property
     def steps_per_epoch(self) -> int:
