@@ -10,6 +10,11 @@ input and output axes, transposes, and writes one module per stacked layer.
 `module_names` maps a jlora module path (and, for a stacked kernel, the layer index) to
 the Hugging Face module name; `jlora.models.hf_module_name` does it for jlora's models.
 Only safetensors and JSON are read or written.
+
+What a tree cannot hold is refused by name, never approximated: per-layer ranks or alphas
+in a scanned stack (one per stacked module: load the model unscanned), and on a tied model
+(no ``lm_head``, the output reuses the embedding) an embedding or head that peft saved
+apart (peft applies a saved embedding to the input only unless ``ensure_weight_tying``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import pathlib
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -30,35 +36,80 @@ from jlora.tree import LORA_A, LORA_B, PyTree, adapted_modules, flatten, is_trai
 
 PREFIX = "base_model.model."
 ModuleNames = Callable[[tuple, int | None], str]
-# adapter_config fields the importer understands; any other set to a non-default value is refused
-SUPPORTED = {
-    "peft_type",
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "use_rslora",
-    "use_dora",
-    "bias",
-    "fan_in_fan_out",
-    "modules_to_save",
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
-    "task_type",
-    "base_model_name_or_path",
-    "init_lora_weights",
-    "inference_mode",
-    "revision",
-    "auto_mapping",
-    "peft_version",
-    "megatron_core",  # read only with megatron_config, which is refused
-    "qalora_group_size",  # read only with use_qalora, which is refused
+Location = tuple[tuple, int | None]  # (jlora keys, layer index in a scanned stack or None)
+# Hugging Face names of an output projection and of the input embedding that a model without the
+# former uses in its place (tie_word_embeddings)
+TIED = {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(name, str) and name for name in value)
+
+
+def _is_regex(value: Any) -> bool:
+    try:
+        re.compile(value)
+    except (re.error, TypeError):
+        return False
+    return isinstance(value, str)
+
+
+def _pattern_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, dict) and all(_is_regex(k) and check(v) for k, v in value.items())
+
+
+def _or_null(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _is_a(kind: type) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, kind)
+
+
+# adapter_config.json: field -> (what it must be, check). A table rather than jsonschema: no extra
+# dependency for a flat object of ~20 fields, and each failure is one line naming the file, the
+# field and what it must be. Fields in neither this table nor DEFAULTS are refused unless empty.
+SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "peft_type": ('"LORA"', lambda value: value == "LORA"),
+    "r": ("an integer >= 1", lambda value: _is_int(value, 1)),
+    "lora_alpha": ("a number > 0", lambda value: _is_number(value) and value > 0),
+    "lora_dropout": ("a number in [0, 1)", _or_null(lambda value: _is_number(value) and 0 <= value < 1)),
+    "target_modules": (
+        "a list of module names or a regular expression",
+        _or_null(lambda v: _is_names(v) or _is_regex(v)),
+    ),
+    "use_rslora": ("true or false", _or_null(_is_a(bool))),
+    "modules_to_save": ("a list of module names", _or_null(_is_names)),
+    "layers_to_transform": (
+        "a layer index or a list of them",
+        _or_null(lambda v: _is_int(v) or (isinstance(v, list) and all(_is_int(i) for i in v))),
+    ),
+    "layers_pattern": ("a regular expression or a list of names", _or_null(lambda v: _is_regex(v) or _is_names(v))),
+    "rank_pattern": ("an object {regex: integer >= 1}", _or_null(_pattern_of(lambda v: _is_int(v, 1)))),
+    "alpha_pattern": ("an object {regex: number > 0}", _or_null(_pattern_of(lambda v: _is_number(v) and v > 0))),
+    "init_lora_weights": ("true, false or an initialisation's name", _is_a(bool | str)),
+    "ensure_weight_tying": ("true or false", _or_null(_is_a(bool))),
+    "inference_mode": ("true or false", _or_null(_is_a(bool))),
+    "task_type": ("a string", _or_null(_is_a(str))),
+    "base_model_name_or_path": ("a string", _or_null(_is_a(str))),
+    "revision": ("a string", _or_null(_is_a(str))),
+    "peft_version": ("a string", _or_null(_is_a(str))),
+    "auto_mapping": ("an object", _or_null(_is_a(dict))),
+    "megatron_core": ("a string", _or_null(_is_a(str))),  # read only with megatron_config, which is refused
+    "qalora_group_size": ("an integer", _or_null(_is_int)),  # read only with use_qalora, which is refused
 }
 # init_lora_weights values whose saved adapters apply to the unchanged base (PiSSA, OLoRA,
 # LoftQ, … rewrite the base weights)
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# fields the importer accepts at their default (or empty) only
 DEFAULTS = {
     "use_dora": False,
     "bias": "none",
@@ -103,7 +154,11 @@ def export(
     base_model_name_or_path: str | None = None,
 ) -> pathlib.Path:
     """Write the adapters (and `modules_to_save`) of `params` as a PEFT directory. Written to
-    a temporary folder and renamed: a failure leaves nothing at `out`."""
+    a temporary folder and renamed: a failure leaves nothing at `out`.
+
+    A saved input embedding that the model also uses as its output projection (a tied model,
+    no `lm_head` in `params`) is written in both places with ``ensure_weight_tying``, as peft
+    saves it: peft then applies it to the input and the output, as jlora did."""
     from safetensors.numpy import save_file
 
     out = pathlib.Path(out)
@@ -119,9 +174,13 @@ def export(
         alphas[name] = config.scale(path, r) * (math.sqrt(r) if config.use_rslora else r)
     if not tensors:
         raise ValueError("params hold no adapters to export")
-    saved = {k: v for k, v in flatten(params).items() if k[-1] not in (LORA_A, LORA_B) and is_trainable(k, config)}
+    flat = flatten(params)
+    saved = {k: v for k, v in flat.items() if k[-1] not in (LORA_A, LORA_B) and is_trainable(k, config)}
     for keys, value in saved.items():  # modules_to_save: full parameters under their own names
         tensors.update(_saved_tensors(keys, np.asarray(value, np.float32), module_names))
+    present = set(_leaf_locations(flat, module_names))
+    tied = {o: e for o, e in TIED.items() if o not in present and f"{PREFIX}{e}" in tensors}
+    tensors.update({f"{PREFIX}{o}": tensors[f"{PREFIX}{e}"] for o, e in tied.items()})
     adapter_config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -135,6 +194,7 @@ def export(
         "alpha_pattern": {re_exact(n): a for n, a in alphas.items() if not math.isclose(a, config.alpha)},
         "modules_to_save": sorted({module_names(k[:-1], None).rsplit(".", 1)[-1] for k in saved}) or None,
         "layers_to_transform": list(config.layers) if config.layers is not None else None,
+        **({"ensure_weight_tying": True} if tied else {}),
         "use_dora": False,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -154,20 +214,45 @@ def export(
 
 
 def re_exact(name: str) -> str:
-    """A peft pattern key that matches module `name` only (peft matches ``(.*\\.)?key$``)."""
+    """A peft pattern key that matches module `name` only (peft matches ``(.*\\.)?(key)$``)."""
     return name.replace(".", r"\.")
 
 
 def _saved_tensors(keys: tuple, value: np.ndarray, module_names: ModuleNames) -> dict[str, np.ndarray]:
-    """A `modules_to_save` parameter in PyTorch's layout: kernels transposed, embeddings as
-    they are, everything else (biases, norm scales) flat."""
+    """A `modules_to_save` parameter in PyTorch's layout, one tensor per layer of a scanned
+    stack: kernels transposed, embeddings as they are, everything else (biases, norm scales) flat."""
+    layers = _layers(keys[:-1], value, module_names)
+    if layers is not None:
+        return {k: v for i in layers for k, v in _saved_tensors_at(keys, value[i], module_names, i).items()}
+    return _saved_tensors_at(keys, value, module_names, None)
+
+
+def _saved_tensors_at(keys: tuple, value: np.ndarray, module_names: ModuleNames, index: int | None) -> dict:
     if keys[-1] == "kernel":
         if value.ndim != 2:
             raise ValueError(f"{path_str(keys)}: modules_to_save export handles 2-D kernels, got {value.shape}")
         value = value.T
     elif keys[-1] != "embedding":
         value = value.reshape(-1)
-    return {f"{PREFIX}{module_names(keys[:-1], None)}.{_leaf_name(keys[-1])}": np.ascontiguousarray(value)}
+    return {f"{PREFIX}{module_names(keys[:-1], index)}.{_leaf_name(keys[-1])}": np.ascontiguousarray(value)}
+
+
+def _layers(module: tuple, leaf, module_names: ModuleNames) -> range | None:
+    """The layer indices of a scanned stack's leaf (its name needs a layer), else None."""
+    return range(leaf.shape[0]) if module_names(module, 0) != module_names(module, None) else None
+
+
+def _locations(leaves: Mapping[tuple, Any], module_names: ModuleNames) -> Iterator[tuple[str, Location]]:
+    """(Hugging Face module name, (keys, layer)) of each leaf's module, per layer of a stack."""
+    for keys, leaf in leaves.items():
+        for index in _layers(keys[:-1], leaf, module_names) or [None]:
+            yield module_names(keys[:-1], index), (keys, index)
+
+
+def _leaf_locations(flat: Mapping[tuple, Any], module_names: ModuleNames) -> dict[str, Location]:
+    """``{'model.layers.0.input_layernorm.weight': (keys, 0), …}`` for every non-LoRA leaf."""
+    leaves = {k: v for k, v in flat.items() if k[-1] not in (LORA_A, LORA_B)}
+    return {f"{name}.{_leaf_name(at[0][-1])}": at for name, at in _locations(leaves, module_names)}
 
 
 def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleNames) -> tuple[dict, LoraConfig]:
@@ -175,21 +260,21 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
     tree with adapters (and `modules_to_save` values) and the matching `LoraConfig`.
 
     Every field the importer cannot honour (DoRA, biases, fan_in_fan_out, …), every
-    adapter whose module the model lacks, and every tensor whose shape disagrees with the
-    config or the model is an error naming it. Nothing is written."""
+    adapter whose module the model lacks, every tensor whose shape disagrees with the
+    config or the model, per-layer ranks or alphas in a scanned stack (one per stacked
+    module), and a saved embedding that a tied model could not apply as peft does are errors
+    naming them. Nothing is written."""
     directory = pathlib.Path(directory)
+    config_file = directory / "adapter_config.json"
     peft_config, tensors = read(directory)
     flat = flatten(params)
     kernels = {keys[:-1]: leaf for keys, leaf in flat.items() if keys[-1] == "kernel"}
-    by_name: dict[str, tuple[tuple, int | None]] = {}
-    for keys, kernel in kernels.items():
-        stacked = module_names(keys, 0) != module_names(keys, None)  # the name needs a layer: a scanned stack
-        for index in range(kernel.shape[0]) if stacked else [None]:
-            by_name[module_names(keys, index)] = (keys, index)
+    kernel_leaves = {keys: leaf for keys, leaf in flat.items() if keys[-1] == "kernel"}
+    by_name = {name: (keys[:-1], index) for name, (keys, index) in _locations(kernel_leaves, module_names)}
     layers = peft_config.get("layers_to_transform")
     layers = [layers] if isinstance(layers, int) else layers
     factors: dict[tuple, dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}
-    ranks, alphas = {}, {}
+    settings: dict[tuple, dict[int | None, tuple[int, float]]] = {}
     used = set()
     for key in sorted(tensors):
         if not key.endswith(".lora_A.weight"):
@@ -218,11 +303,11 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
             raise ValueError(f"{directory}: {name} is outside layers_to_transform={layers}")
         n_in = _inputs(shape, a.shape[1], b.shape[0], name)
         factors.setdefault(keys, {})[index] = (a.T.reshape(*shape[:n_in], r), b.T.reshape(r, *shape[n_in:]))
-        ranks[path_str(keys)] = r
-        alpha = float(peft_config["lora_alpha"])
-        alphas[path_str(keys)] = _pattern_value(peft_config.get("alpha_pattern"), name, alpha)
+        alpha = _pattern_value(peft_config.get("alpha_pattern"), name, float(peft_config["lora_alpha"]))
+        settings.setdefault(keys, {})[index] = (r, alpha)
     if not factors:
         raise ValueError(f"{directory}: adapter_model.safetensors holds no lora_A / lora_B tensors")
+    ranks, alphas = _one_setting_per_module(settings, config_file, module_names)
     for keys, per_layer in factors.items():
         if None in per_layer:
             a, b = per_layer[None]
@@ -231,21 +316,7 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
             stacked = [per_layer.get(i, (np.zeros_like(a0), np.zeros_like(b0))) for i in range(kernels[keys].shape[0])]
             a, b = np.stack([x for x, _ in stacked]), np.stack([y for _, y in stacked])
         flat[(*keys, LORA_A)], flat[(*keys, LORA_B)] = a.astype(np.float32), b.astype(np.float32)
-    leaves = {(module_names(k[:-1], None), _leaf_name(k[-1])): k for k in flat if k[-1] not in (LORA_A, LORA_B)}
-    saved_modules = set()
-    for key, value in tensors.items():  # modules_to_save: full parameters under their own names
-        if key in used:
-            continue
-        target = leaves.get(tuple(key.removeprefix(PREFIX).rsplit(".", 1)))
-        if target is None:
-            raise ValueError(f"{directory}: tensor {key!r} matches nothing in the model")
-        value = value.T if target[-1] == "kernel" else value
-        if value.size != flat[target].size or (target[-1] == "kernel" and value.shape != flat[target].shape):
-            raise ValueError(
-                f"{directory}: {key} has shape {value.shape}; the model's {path_str(target)} is {flat[target].shape}"
-            )
-        flat[target] = value.reshape(flat[target].shape).astype(np.float32)
-        saved_modules.add(str(target[-2]))
+    saved_modules = _load_saved(directory, {k: v for k, v in tensors.items() if k not in used}, flat, module_names)
     r = int(peft_config["r"])
     config = LoraConfig(
         r=r,
@@ -261,6 +332,103 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
     return unflatten(flat), config
 
 
+def _one_setting_per_module(
+    settings: Mapping[tuple, Mapping[int | None, tuple[int, float]]],
+    config_file: pathlib.Path,
+    module_names: ModuleNames,
+) -> tuple[dict[str, int], dict[str, float]]:
+    """``({path: r}, {path: alpha})``; refuses a scanned stack whose layers differ in rank or
+    alpha (`LoraConfig` and the stacked factors hold one per stacked module)."""
+    ranks, alphas = {}, {}
+    for keys, per_layer in settings.items():
+        for field, i in (("rank_pattern", 0), ("alpha_pattern", 1)):
+            values = {module_names(keys, layer): v[i] for layer, v in per_layer.items()}
+            if len(set(values.values())) > 1:
+                raise ValueError(
+                    f"{config_file}: {field} gives the layers of the scanned stack {path_str(keys)} different "
+                    f"values ({values}); a scanned model holds one per stacked module. Load the model unscanned "
+                    "(jlora.models.load(..., scan=False); jlora import-peft --no-scan)"
+                )
+        ranks[path_str(keys)], alphas[path_str(keys)] = next(iter(per_layer.values()))
+    return ranks, alphas
+
+
+def _load_saved(
+    directory: pathlib.Path, tensors: Mapping[str, np.ndarray], flat: dict, module_names: ModuleNames
+) -> set[str]:
+    """Put the `modules_to_save` tensors (every non-LoRA tensor) into `flat`, a layer of a
+    scanned stack at its row; returns the saved modules' names."""
+    at = _leaf_locations(flat, module_names)
+    saved = _without_base_copies(directory, {k.removeprefix(PREFIX): v for k, v in tensors.items()}, at, flat)
+    saved = _tied(directory, saved, at)
+    modules = set()
+    for name, value in saved.items():
+        if name not in at:
+            raise ValueError(f"{directory}: tensor {PREFIX + name!r} matches nothing in the model")
+        keys, index = at[name]
+        target = np.asarray(flat[keys], np.float32)
+        shape = target.shape[1:] if index is not None else target.shape
+        value = value.T if keys[-1] == "kernel" else value
+        if value.size != math.prod(shape) or (keys[-1] == "kernel" and value.shape != shape):
+            raise ValueError(
+                f"{directory}: {PREFIX}{name} has shape {value.shape}; the model's {path_str(keys)} is {shape}"
+            )
+        if index is None:
+            target = value.reshape(shape).astype(np.float32)
+        else:
+            target = target.copy()
+            target[index] = value.reshape(shape)
+        flat[keys] = target
+        modules.add(str(keys[-2]))
+    return modules
+
+
+def _without_base_copies(
+    directory: pathlib.Path, saved: Mapping[str, np.ndarray], at: Mapping[str, Location], flat: Mapping
+) -> dict[str, np.ndarray]:
+    """`saved` less peft's copies of base weights (``lm_head.base_layer.weight``: peft saves them
+    for embedding-layer targets, save_embedding_layers="auto"), each checked equal to the model's."""
+    out = {}
+    for name, value in saved.items():
+        if ".base_layer." not in name:
+            out[name] = value
+            continue
+        keys, index = at.get(name.replace(".base_layer.", "."), (None, None))
+        if keys is None:
+            raise ValueError(f"{directory}: {PREFIX}{name} is peft's copy of a base weight the model does not have")
+        model = np.asarray(flat[keys]) if index is None else np.asarray(flat[keys])[index]
+        value = value.T if keys[-1] == "kernel" else value
+        if value.size != model.size or not np.array_equal(value.reshape(model.shape).astype(model.dtype), model):
+            raise ValueError(
+                f"{directory}: {PREFIX}{name} is peft's copy of the base weight {path_str(keys)} (saved with "
+                "save_embedding_layers for a target such as lm_head) and differs from the model's: the "
+                "adapter was made on another base model, or changes its base. Import it over that base"
+            )
+    return out
+
+
+def _tied(directory: pathlib.Path, saved: Mapping[str, np.ndarray], at: Mapping[str, Location]) -> dict:
+    """`saved` with a tied model's output projection folded into its embedding, refused unless
+    peft's semantics hold on the tied model: the embedding saved in both places, equal (peft's
+    ``ensure_weight_tying``). Without it peft applies a saved embedding to the input only and a
+    saved lm_head to the output only, which one shared matrix cannot do."""
+    out = dict(saved)
+    for output, embedding in TIED.items():
+        if output in at or embedding not in at or not {output, embedding} & saved.keys():
+            continue
+        if output in saved and embedding in saved and np.array_equal(saved[output], saved[embedding]):
+            del out[output]
+            continue
+        which = " and ".join(f"{n} ({'saved' if n in saved else 'the original'})" for n in (embedding, output))
+        raise ValueError(
+            f"{directory}: modules_to_save: the model ties {output} to {embedding} (tie_word_embeddings), but "
+            f"this adapter gives them different values, {which}: peft keeps them apart, jlora's tied model holds "
+            "one matrix for both. Use a base with tie_word_embeddings=False, or save the adapter with "
+            "ensure_weight_tying=True"
+        )
+    return out
+
+
 def read(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(adapter_config, tensors) of a PEFT directory, checked for what jlora can honour."""
     from safetensors import SafetensorError
@@ -273,28 +441,37 @@ def read(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
         peft_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file} is not valid JSON: {err}") from None
-    if peft_config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory}: peft_type {peft_config.get('peft_type')!r} is not LORA")
-    for field in ("r", "lora_alpha"):
-        if field not in peft_config:
-            raise ValueError(f"{config_file} has no {field!r}")
-    for field, default in DEFAULTS.items():
-        if field in peft_config and peft_config[field] not in (default, None, {}, [], False):
-            raise ValueError(f"{directory}: adapter_config field {field}={peft_config[field]!r} is not supported")
-    if peft_config.get("init_lora_weights", True) not in PLAIN_INITS:
-        raise ValueError(
-            f"{directory}: init_lora_weights={peft_config['init_lora_weights']!r} changes the base weights; "
-            "convert the adapter to a plain LoRA with peft (save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...)) first"
-        )
-    unknown = sorted(k for k, v in peft_config.items() if k not in SUPPORTED and k not in DEFAULTS and v)
-    if unknown:
-        raise ValueError(f"{directory}: adapter_config fields {unknown} are not supported")
+    check_config(peft_config, config_file)
     try:
         tensors = load_file(weights_file)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights_file} is not a readable safetensors file (truncated or corrupt?): {err}") from None
     return peft_config, tensors
+
+
+def check_config(peft_config: Any, config_file: pathlib.Path) -> None:
+    """Raise, naming the field and `config_file`, unless `peft_config` is an adapter_config that
+    jlora honours: an object, every field as `SCHEMA` says, `DEFAULTS` fields at their default."""
+    if not isinstance(peft_config, dict):
+        raise ValueError(f'{config_file} must hold a JSON object ({{"r": …}}), not a {type(peft_config).__name__}')
+    for field in ("peft_type", "r", "lora_alpha"):
+        if field not in peft_config:
+            raise ValueError(f"{config_file} has no {field!r}")
+    for field, default in DEFAULTS.items():
+        if field in peft_config and peft_config[field] not in (default, None, {}, [], False):
+            raise ValueError(f"{config_file}: adapter_config field {field}={peft_config[field]!r} is not supported")
+    for field, (what, check) in SCHEMA.items():
+        if field in peft_config and not check(peft_config[field]):
+            raise ValueError(f"{config_file}: field {field!r} must be {what}, got {peft_config[field]!r}")
+    if peft_config.get("init_lora_weights", True) not in PLAIN_INITS:
+        raise ValueError(
+            f"{config_file}: init_lora_weights={peft_config['init_lora_weights']!r} changes the base weights; "
+            "convert the adapter to a plain LoRA with peft (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) first"
+        )
+    unknown = sorted(k for k, v in peft_config.items() if k not in SCHEMA and k not in DEFAULTS and v)
+    if unknown:
+        raise ValueError(f"{config_file}: adapter_config fields {unknown} are not supported")
 
 
 def _leaf_name(leaf) -> str:
@@ -312,9 +489,10 @@ def _inputs(shape: tuple[int, ...], fan_in: int, fan_out: int, name: str) -> int
 
 
 def _pattern_value(pattern: Mapping | None, name: str, default):
-    """peft's rank_pattern / alpha_pattern lookup: a key matches names ending in it."""
+    """peft's rank_pattern / alpha_pattern lookup (`peft.utils.other.get_pattern_key`): the first
+    key that matches the end of the name, ``(.*\\.)?(key)$``."""
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?{key}$", name):
+        if re.match(rf"(.*\.)?({key})$", name):
             return type(default)(value)
     return default
 
