@@ -40,6 +40,7 @@ class Run:
     data: Any = None  # DataConfig
     lora: Any = None  # LoraConfig
     train: Any = None  # TrainConfig
+    init_adapter: dict | None = None  # {"path", "hash"}: the adapter training started from
 
     def __post_init__(self):
         from jlora import LoraConfig
@@ -63,6 +64,7 @@ class Run:
             "data": dataclasses.asdict(self.data),
             "lora": self.lora.to_dict(),
             "train": dataclasses.asdict(self.train),
+            "init_adapter": self.init_adapter,
         }
 
 
@@ -96,7 +98,7 @@ TRAIN_FLAGS = {
     "--text-column": ("data", "text_column", str, "text column for the text and classification tasks"),
     "--label-column": ("data", "label_column", str, "label column for the classification task"),
     "--seq-len": ("data", "seq_len", int, "tokens per sequence (default 64)"),
-    "--eval-size": ("data", "eval_size", int, "held-out rows (default 1000)"),
+    "--eval-size": ("data", "eval_size", int, "held-out rows (default min(1000, 10%% of the rows))"),
     "--targets": ("lora", "target_modules", "list", "modules to adapt, e.g. q_proj k_proj v_proj o_proj"),
     "--rank": ("lora", "r", int, "LoRA rank (default 8)"),
     "--alpha": ("lora", "alpha", float, "LoRA alpha (default 16)"),
@@ -140,6 +142,11 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> Run:
     """The run: `--config` file (YAML or JSON) first, flags over it."""
+    return Run(**settings_from_args(args))
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave, by section: the `--config` file's, then the flags'."""
     settings: dict[str, Any] = {}
     if getattr(args, "config", None):
         settings = _read_config(pathlib.Path(args.config))
@@ -152,7 +159,7 @@ def run_from_args(args: argparse.Namespace) -> Run:
     unknown = sorted(set(settings) - {"model", "scan", "data", "lora", "train"})
     if unknown:
         raise ValueError(f"unknown config sections {unknown}; known: model, scan, data, lora, train")
-    return Run(**settings)
+    return settings
 
 
 def _flag(args: argparse.Namespace, flag: str):
@@ -200,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="RUN",
         help="continue the run in this folder from its last complete checkpoint, with the settings of its run.json",
+    )
+    train.add_argument(
+        "--init-adapter",
+        metavar="DIR",
+        help="start from this adapter (a PEFT directory or a jlora run folder): its LoRA settings become the "
+        "run's, flags may not contradict them (but --dropout), the optimizer starts fresh",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument(
@@ -387,19 +400,16 @@ def load_model(run: Run, labels: int | None = None):
     return pretrained
 
 
-def prepare(run: Run, mesh=None):
-    """Everything up to training, validating as early as possible: data, model, adapters,
-    batch and mesh. Writes nothing."""
-    import jax
-
-    import jlora
+def load_inputs(run: Run, mesh=None):
+    """(pretrained, train, held-out) of `run`, validating as early as possible: data,
+    held-out size, model, sequence length, batch and mesh. Writes nothing."""
     from jlora import data
 
     table = data.read(run.data)  # missing or unreadable files, empty data
     data.check_columns(table, run.data)  # absent columns
+    data.held_out_rows(table, run.data)  # more held out than there are rows
     pretrained = load_model(run, _labels(run, table))  # unknown presets, files that are not models
     train, held_out = data.prepare(run.data, pretrained.tokenizer)  # seq_len too small
-    params = jlora.init(pretrained.params, run.lora, jax.random.key(run.train.seed), specs=pretrained.kernel_specs())
     data.check_batch(train, run.train.batch_size * run.train.grad_accum)
     if mesh is not None:
         from jlora.sharding import BATCH
@@ -407,7 +417,68 @@ def prepare(run: Run, mesh=None):
         shards = math.prod(mesh.shape[axis] for axis in BATCH)
         if run.train.batch_size % shards:
             raise ValueError(f"--batch-size {run.train.batch_size} does not split over the mesh's {shards} data shards")
+    return pretrained, train, held_out
+
+
+def prepare(run: Run, mesh=None):
+    """`load_inputs` and fresh adapters of `run.lora` (unknown targets, ranks too large)."""
+    import jax
+
+    import jlora
+
+    pretrained, train, held_out = load_inputs(run, mesh)
+    params = jlora.init(pretrained.params, run.lora, jax.random.key(run.train.seed), specs=pretrained.kernel_specs())
     return pretrained, params, train, held_out
+
+
+def prepare_from_adapter(run: Run, source: str, given_lora: dict, mesh=None):
+    """`prepare` with the adapters of `source` (a PEFT directory or a jlora run) instead of
+    fresh ones: the run takes their LoRA settings, which `given_lora` (what the user set)
+    may not contradict, except the dropout. Returns the run too, recording the source."""
+    import jlora
+    from jlora.checkpoint import fingerprint
+
+    pretrained, train, held_out = load_inputs(run, mesh)
+    params, lora = load_adapters(source, pretrained)
+    contradicted = [
+        f"{field}={value!r} (the adapter has {getattr(lora, field)!r})"
+        for field, value in given_lora.items()
+        if field != "dropout" and not _same_setting(lora, dataclasses.replace(lora, **{field: value}), field)
+    ]
+    if contradicted:
+        raise ValueError(
+            f"--init-adapter {source}: the run's LoRA settings are the adapter's; these contradict them: "
+            f"{', '.join(contradicted)}. Drop them"
+        )
+    lora = dataclasses.replace(lora, dropout=given_lora.get("dropout", run.lora.dropout))
+    adapters, _ = jlora.split(params, lora)
+    origin = {"path": str(pathlib.Path(source).absolute()), "hash": fingerprint(adapters)["hash"]}
+    if run.init_adapter is not None and run.init_adapter["hash"] != origin["hash"]:
+        raise ValueError(f"{source}: the adapter changed since this run started from it (its content hash differs)")
+    return dataclasses.replace(run, lora=lora, init_adapter=origin), pretrained, params, train, held_out
+
+
+def _same_setting(lora, other, field: str) -> bool:
+    """Whether two LoraConfigs agree on `field` (module lists in any order)."""
+    mine, theirs = getattr(lora, field), getattr(other, field)
+    return sorted(mine) == sorted(theirs) if field in ("target_modules", "modules_to_save") else mine == theirs
+
+
+def adapter_base_model(source: str) -> str:
+    """The base model of a PEFT directory (a preset's hub id or a local folder) or of a run."""
+    import jlora.peft
+    from jlora.models import PRESETS
+
+    folder = pathlib.Path(source)
+    if (folder / RUN_FILE).exists():
+        return _run_of(folder).model
+    if not (folder / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{folder} is neither a jlora run folder ({RUN_FILE}) nor a PEFT directory")
+    named = jlora.peft.read(folder)[0].get("base_model_name_or_path")
+    presets = {preset.hub_id: name for name, preset in PRESETS.items()}
+    if named in presets or (named and pathlib.Path(named).exists()):
+        return presets.get(named, named)
+    raise ValueError(f"{folder}: base model {named!r} is neither a preset's nor a local folder; pass --model")
 
 
 def start_devices(args):
@@ -444,16 +515,24 @@ def cmd_train(args) -> int:
 
     started = time.perf_counter()
     mesh = start_devices(args)
+    given: dict[str, Any] = {}
     if args.resume:
         run, out = resumed_run(args)
         if (out / "results.json").exists():
             print(f"{out} is complete (results.json); nothing to resume")
             return 0
         replace = False
+        source = run.init_adapter["path"] if run.init_adapter and not _has_checkpoint(out) else None
     else:
-        run, out = run_from_args(args), pathlib.Path(args.out)
+        given, out, source = settings_from_args(args), pathlib.Path(args.out), args.init_adapter
+        if source and "model" not in given:
+            given["model"] = adapter_base_model(source)
+        run = Run(**given)
         replace = check_out(out, run, args.overwrite)
-    prepared = prepare(run, mesh)
+    if source:
+        run, *prepared = prepare_from_adapter(run, source, given.get("lora", {}), mesh)
+    else:
+        prepared = prepare(run, mesh)
     with replacing(out, replace, writer=jax.process_index() == 0):
         return train_run(run, out, *prepared, mesh=mesh, progress=not args.quiet, started=started)
 
@@ -767,12 +846,11 @@ def cmd_export_peft(args) -> int:
 def cmd_import_peft(args) -> int:
     """A PEFT directory -> a run folder (run.json + a step-0 checkpoint) that eval,
     generate, merge and export-peft take. Written to a hidden folder and renamed."""
-    import tempfile
-
     import jlora
     import jlora.peft
     from jlora.checkpoint import Checkpoints, fingerprint
-    from jlora.models import PRESETS, hf_module_name
+    from jlora.models import hf_module_name
+    from jlora.staging import staged
 
     source = pathlib.Path(args.dir)
     out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / source.absolute().name
@@ -780,12 +858,7 @@ def cmd_import_peft(args) -> int:
     peft_config, _ = jlora.peft.read(source)
     settings = run_from_args(args).to_dict()
     if args.model is None:
-        named = peft_config.get("base_model_name_or_path")
-        presets = {preset.hub_id: name for name, preset in PRESETS.items()}
-        if named in presets or (named and pathlib.Path(named).exists()):
-            settings["model"] = presets.get(named, named)
-        else:
-            raise ValueError(f"{source}: base model {named!r} is neither a preset's nor a local folder; pass --model")
+        settings["model"] = adapter_base_model(args.dir)
     if peft_config.get("task_type") == "SEQ_CLS" and (args.task or "classification") == "classification":
         settings["data"]["task"] = "classification"
     run = Run(**settings)
@@ -793,16 +866,10 @@ def cmd_import_peft(args) -> int:
     params, lora = jlora.peft.load(source, pretrained.params, hf_module_name)
     run = dataclasses.replace(run, lora=lora)
     adapters, base = jlora.split(params, run.lora)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out) as staging:
         (staging / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2))
         with Checkpoints(staging / CHECKPOINTS, async_save=False) as checkpoints:
             checkpoints.save(0, adapters, None, config=run.lora, base_fingerprint=fingerprint(base))
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     summary = jlora.summary(params, run.lora)
     print(f"wrote {out}/ ({RUN_FILE}, {CHECKPOINTS}/): {summary.trainable:,} adapter parameters on {run.model}")
     return 0

@@ -52,7 +52,7 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     seq_len: int = 64
-    eval_size: int = 1000
+    eval_size: int | None = None  # held-out rows; None: min(1000, 10% of the rows)
     seed: int = 0
 
     def __post_init__(self):
@@ -62,6 +62,8 @@ class DataConfig:
             raise ValueError(f"data task must be one of {TASKS}, got {self.task!r}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        if self.eval_size is not None and self.eval_size < 1:
+            raise ValueError(f"eval_size must be at least 1, got {self.eval_size}")
         object.__setattr__(self, "files", tuple(self.files))
 
 
@@ -147,6 +149,15 @@ def unreadable(path: pathlib.Path, builder: str) -> str | None:
 
 def template_columns(template: str) -> set[str]:
     return {field for _, field, _, _ in string.Formatter().parse(template) if field}
+
+
+def held_out_rows(table, config: DataConfig) -> int:
+    """How many of the table's rows are held out (`config.eval_size`, or by default
+    min(1000, 10%)); refuses a split that would leave fewer than one row to train on."""
+    rows = config.eval_size if config.eval_size is not None else max(1, min(1000, len(table) // 10))
+    if len(table) <= rows:
+        raise ValueError(f"data has {len(table)} rows, not more than --eval-size {rows}; lower --eval-size or add data")
+    return rows
 
 
 def check_columns(table, config: DataConfig) -> None:
@@ -249,9 +260,7 @@ def prepare(config: DataConfig, tokenizer) -> tuple[Split, Split]:
     before any model work starts."""
     table = read(config)
     check_columns(table, config)
-    if len(table) <= config.eval_size:
-        raise ValueError(f"data has {len(table)} rows, not more than eval_size {config.eval_size}")
-    parts = table.train_test_split(test_size=config.eval_size, seed=config.seed, shuffle=True)
+    parts = table.train_test_split(test_size=held_out_rows(table, config), seed=config.seed, shuffle=True)
     train = encode(parts["train"], tokenizer, config)
     held_out = encode(parts["test"], tokenizer, config)
     if train.choices is not None and held_out.labels != train.labels:

@@ -60,9 +60,11 @@ class TrainConfig:
 
 
 def schedule(config: TrainConfig) -> optax.Schedule:
-    """Linear warmup to the learning rate, then cosine decay to zero."""
-    warmup = min(config.warmup_steps, config.steps - 1)
-    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, config.steps)
+    """Linear warmup to the learning rate, then cosine decay towards zero, counted from
+    step 1: the first step trains at lr / warmup (not 0) and the last one above 0."""
+    warmup = min(config.warmup_steps, config.steps)
+    counted_from_one = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, config.steps + 1)
+    return lambda step: counted_from_one(step + 1)
 
 
 def make_optimizer(config: TrainConfig, lora: jlora.LoraConfig) -> optax.GradientTransformation:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-import shutil
-import tempfile
 
 import flax.linen as nn
 import jax
@@ -17,6 +15,7 @@ import jlora
 from jlora.models.bert import BertConfig
 from jlora.models.llama import LlamaConfig
 from jlora.models.loading import hf_name
+from jlora.staging import staged
 from jlora.tree import flatten, path_str
 
 HF_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "bert": "BertConfig"}
@@ -107,21 +106,12 @@ def save_hf(pretrained, params: dict, out: str | pathlib.Path) -> pathlib.Path:
     directory. Written to a temporary folder and renamed: a failure leaves nothing at `out`."""
     from safetensors.numpy import save_file
 
-    out = pathlib.Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose a new folder")
     if any(k[-1] in (jlora.tree.LORA_A, jlora.tree.LORA_B) for k in flatten(params)):
         raise ValueError("params still hold LoRA factors; pass jlora.merge(params, config)")
     architecture = type(pretrained.model).__name__
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out) as staging:
         hf_config(pretrained.config, architecture).save_pretrained(staging)
         save_file(hf_tensors(pretrained.model, params), staging / "model.safetensors", metadata={"format": "pt"})
         if pretrained.tokenizer is not None:
             pretrained.tokenizer.save_pretrained(staging)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return pathlib.Path(out)
