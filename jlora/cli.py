@@ -44,10 +44,10 @@ class Run:
 
     def __post_init__(self):
         from jlora import LoraConfig
-        from jlora.data import DataConfig
+        from jlora.data import DataConfig, resolve_task
         from jlora.train import TrainConfig
 
-        self.data = _section(DataConfig, self.data)
+        self.data = resolve_task(_section(DataConfig, self.data))
         self.lora = _section(
             LoraConfig, self.lora, {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
         )
@@ -92,7 +92,13 @@ TRAIN_FLAGS = {
     ),
     "--data": ("data", "files", "list", "data files (csv, tsv, json, jsonl, txt, parquet); default: Rotten Tomatoes"),
     "--format": ("data", "format", str, "data format when the suffix does not say: csv, tsv, json, text, parquet"),
-    "--task": ("data", "task", str, "completion (prompt -> completion), text (language modelling) or classification"),
+    "--task": (
+        "data",
+        "task",
+        str,
+        "completion (prompt -> completion), chat (conversations: assistant turns), text (language modelling), "
+        "classification, or auto (default: chat for conversation rows, else completion)",
+    ),
     "--prompt": ("data", "prompt", str, "prompt template over columns (default 'Review: {text}\\nSentiment:')"),
     "--completion": ("data", "completion", str, "completion template over columns (default ' {label}')"),
     "--text-column": ("data", "text_column", str, "text column for the text and classification tasks"),
@@ -707,7 +713,7 @@ def cmd_generate(args) -> int:
     pretrained = load_model(run)
     tok = pretrained.tokenizer
     rows = _prompt_rows(args, paths, run)
-    chat = args.chat if args.chat is not None else not paths
+    chat = args.chat if args.chat is not None else (not paths or run.data.task == "chat")
     texts = [
         tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
         if chat
@@ -786,9 +792,11 @@ def _prompt_rows(args, paths: list[str], run: Run) -> list[tuple[int, str]]:
 
 
 def _fill(run: Run, text: str, where: str = "") -> str:
-    """The run's prompt template with `text` as its text column."""
+    """The run's prompt template with `text` as its text column (a chat run: the user's turn)."""
     from jlora.data import template_columns
 
+    if run.data.task == "chat":
+        return text
     others = sorted(template_columns(run.data.prompt) - {run.data.text_column})
     if others:
         raise ValueError(

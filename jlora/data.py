@@ -1,6 +1,6 @@
 """Data pipelines: local files -> tokenized, fixed-shape numpy batches, seeded and resumable.
 
-Built on `datasets` (csv / tsv / json / jsonl / text / parquet, no hub access). Three tasks:
+Built on `datasets` (csv / tsv / json / jsonl / text / parquet, no hub access). Four tasks:
 
 * ``completion``: a prompt and a completion rendered from column templates
   (``"Review: {text}\\nSentiment:"`` -> ``" {label}"``); the loss covers the completion
@@ -9,6 +9,11 @@ Built on `datasets` (csv / tsv / json / jsonl / text / parquet, no hub access). 
   token the model ranks above the other choices'.
 * ``text``: language modelling on packed text, loss on every token.
 * ``classification``: (text, label) rows for encoder models with a classifier head.
+* ``chat``: conversations (``messages``, or conversational ``prompt`` / ``completion``)
+  rendered with the model's chat template, the loss on the assistant's tokens (`jlora.chat`).
+
+The task ``auto`` (the default) is ``chat`` for JSON rows that are conversations and
+``completion`` otherwise.
 
 `Batches` maps a step number to its batch with no hidden state, so a resumed run sees
 exactly the data an uninterrupted run would.
@@ -25,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from jlora import chat
 from jlora.models.presets import locate
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
@@ -36,7 +42,7 @@ BUILDERS = {
     "text": ("text", {}),
     "parquet": ("parquet", {}),
 }
-TASKS = ("completion", "text", "classification")
+TASKS = ("auto", "completion", "text", "classification", "chat")
 ROTTEN_TOMATOES = "rotten-tomatoes"
 
 
@@ -46,7 +52,7 @@ class DataConfig:
 
     files: tuple[str, ...] = (ROTTEN_TOMATOES,)
     format: str | None = None  # csv, tsv, json, text or parquet; None: from the file suffix
-    task: str = "completion"
+    task: str = "auto"  # resolved by `resolve_task`
     prompt: str = "Review: {text}\nSentiment:"
     completion: str = " {label}"
     text_column: str = "text"
@@ -160,7 +166,37 @@ def held_out_rows(table, config: DataConfig) -> int:
     return rows
 
 
+def resolve_task(config: DataConfig) -> DataConfig:
+    """`config` with task ``auto`` made concrete: ``chat`` when the first row of the first
+    JSON file is a conversation, else ``completion``. Reads one row; unreadable files are
+    left for `read` to report."""
+    if config.task != "auto":
+        return config
+    return dataclasses.replace(config, task="chat" if _first_row_is_chat(config) else "completion")
+
+
+def _first_row_is_chat(config: DataConfig) -> bool:
+    path = pathlib.Path(config.files[0])
+    if (config.format or FORMATS.get(path.suffix.lower())) != "json" or not path.is_file():
+        return False
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        row = json.loads(first) if path.suffix.lower() == ".jsonl" else json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return False
+    row = row[0] if isinstance(row, list) and row else row
+    return isinstance(row, dict) and chat.is_chat(row)
+
+
 def check_columns(table, config: DataConfig) -> None:
+    if config.task == "chat":
+        if "messages" not in table.column_names and not {"prompt", "completion"} <= set(table.column_names):
+            raise ValueError(
+                f"chat data needs a 'messages' column, or 'prompt' and 'completion' message lists; its columns are "
+                f"{table.column_names}"
+            )
+        return
     needed = {
         "completion": template_columns(config.prompt) | template_columns(config.completion),
         "text": {config.text_column},
@@ -180,6 +216,8 @@ def encode(table, tokenizer, config: DataConfig) -> Split:
         return _encode_completion(table, tokenizer, config)
     if config.task == "text":
         return _encode_text(table, tokenizer, config)
+    if config.task == "chat":
+        return _encode_chat(table, tokenizer, config)
     return _encode_classification(table, tokenizer, config)
 
 
@@ -215,6 +253,22 @@ def _encode_completion(table, tokenizer, config: DataConfig) -> Split:
             choices = np.array(firsts, np.int32)
             arrays["choice"] = np.array([distinct.index(c) for c in completions], np.int32)
     return Split(arrays, choices, tuple(distinct))
+
+
+def _encode_chat(table, tokenizer, config: DataConfig) -> Split:
+    """Conversations, right-padded; a conversation longer than `seq_len` keeps its start."""
+    t = config.seq_len
+    arrays = {name: np.zeros((len(table), t), np.int32) for name in ("input_ids", "attention_mask", "loss_mask")}
+    arrays["input_ids"][:] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for i, row in enumerate(table):
+        ids, mask = chat.encode(tokenizer, *chat.conversation(row, f"data row {i}"))
+        ids, mask = ids[:t], mask[:t]
+        arrays["input_ids"][i, : len(ids)] = ids
+        arrays["attention_mask"][i, : len(ids)] = 1
+        arrays["loss_mask"][i, : len(ids)] = mask
+    if not arrays["loss_mask"].any():
+        raise ValueError(f"seq_len {t} cuts every conversation before its first assistant token; raise --seq-len")
+    return Split(arrays)
 
 
 def _encode_text(table, tokenizer, config: DataConfig) -> Split:
@@ -258,6 +312,7 @@ class _Blank(dict):
 def prepare(config: DataConfig, tokenizer) -> tuple[Split, Split]:
     """(train, held-out): read, check, split with a fixed seed, encode. Raises on bad input
     before any model work starts."""
+    config = resolve_task(config)
     table = read(config)
     check_columns(table, config)
     parts = table.train_test_split(test_size=held_out_rows(table, config), seed=config.seed, shuffle=True)
