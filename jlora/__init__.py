@@ -34,3 +34,4 @@ __all__ = [
     "unmerge",
 ]
 __version__ = "0.1.0"
+from jlora import interpret as interpret  # LoRA on any function: jlora.interpret.lora

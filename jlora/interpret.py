@@ -246,15 +246,15 @@ def _reshape(run, eqn, invals):
         return _merged(run, eqn, invals)
     old, new = x.w.shape, tuple(eqn.params["new_sizes"])
     groups = _reshape_groups(old, new)
+    if groups is None:
+        return _merged(run, eqn, invals)
     roles = [""] * len(new)
-    for gi, gj in groups or []:
+    for gi, gj in groups:
         kinds = {x.roles[k] for k in gi if old[k] != 1} or {"o"}  # a new size-1 axis goes to B
-        if len(kinds) > 1:  # merges input with output axes: not a view of the factors
+        if len(kinds) > 1:  # merges axes of different roles: not a view of the factors
             return _merged(run, eqn, invals)
         for k in gj:
             roles[k] = next(iter(kinds))
-    if groups is None:
-        return _merged(run, eqn, invals)
     roles = "".join(roles)
     a_shape = [new[k] for k in _a_axes(roles)] + [x.a.shape[-1]]
     b_shape = [x.b.shape[x.roles.count("s")] if k is None else new[k] for k in _b_axes(roles)]
@@ -447,6 +447,9 @@ class _Uses:
 
     def propose(self, view: View, roles: Sequence[str], contraction: bool = True) -> None:
         target, axes = view
+        merged, split = any(len(a) > 1 for a in axes), len({k for a in axes for k in a}) < sum(map(len, axes))
+        if merged and split:  # reshaped through a flattening: its axes say nothing of the target's
+            return
         if contraction:
             self.contracted.add(target)
         for leaf_axes, role in zip(axes, roles, strict=True):
