@@ -44,10 +44,10 @@ class Run:
 
     def __post_init__(self):
         from jlora import LoraConfig
-        from jlora.data import DataConfig, resolve_task
+        from jlora.data import DataConfig
         from jlora.train import TrainConfig
 
-        self.data = resolve_task(_section(DataConfig, self.data))
+        self.data = _section(DataConfig, self.data)
         self.lora = _section(
             LoraConfig, self.lora, {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
         )
@@ -314,6 +314,8 @@ def check_out(out: pathlib.Path, run: Run, overwrite: bool) -> bool:
     previous = out / RUN_FILE
     if previous.exists():
         old, new = _read_json(previous), json.loads(json.dumps(run.to_dict()))
+        if new["data"]["task"] == "auto":  # resolved from the data once read; the old run's has been
+            new["data"]["task"] = old.get("data", {}).get("task")
         differs = sorted(k for k in new if old.get(k) != new[k])
         same = f"this run already (--resume {out} continues it)"
         what = f"a different run (differing: {', '.join(differs)})" if differs else same
@@ -407,11 +409,13 @@ def load_model(run: Run, labels: int | None = None):
 
 
 def load_inputs(run: Run, mesh=None):
-    """(pretrained, train, held-out) of `run`, validating as early as possible: data,
-    held-out size, model, sequence length, batch and mesh. Writes nothing."""
+    """(run, pretrained, train, held-out), validating as early as possible: data, held-out
+    size, model, sequence length, batch and mesh; the run's data task made concrete
+    (``auto``: chat for conversations). Writes nothing."""
     from jlora import data
 
     table = data.read(run.data)  # missing or unreadable files, empty data
+    run = dataclasses.replace(run, data=data.resolve_task(run.data, table))
     data.check_columns(table, run.data)  # absent columns
     data.held_out_rows(table, run.data)  # more held out than there are rows
     pretrained = load_model(run, _labels(run, table))  # unknown presets, files that are not models
@@ -423,18 +427,19 @@ def load_inputs(run: Run, mesh=None):
         shards = math.prod(mesh.shape[axis] for axis in BATCH)
         if run.train.batch_size % shards:
             raise ValueError(f"--batch-size {run.train.batch_size} does not split over the mesh's {shards} data shards")
-    return pretrained, train, held_out
+    return run, pretrained, train, held_out
 
 
 def prepare(run: Run, mesh=None):
-    """`load_inputs` and fresh adapters of `run.lora` (unknown targets, ranks too large)."""
+    """(run, pretrained, params, train, held-out): `load_inputs` and fresh adapters of
+    `run.lora` (unknown targets, ranks too large)."""
     import jax
 
     import jlora
 
-    pretrained, train, held_out = load_inputs(run, mesh)
+    run, pretrained, train, held_out = load_inputs(run, mesh)
     params = jlora.init(pretrained.params, run.lora, jax.random.key(run.train.seed), specs=pretrained.kernel_specs())
-    return pretrained, params, train, held_out
+    return run, pretrained, params, train, held_out
 
 
 def prepare_from_adapter(run: Run, source: str, given_lora: dict, mesh=None):
@@ -444,7 +449,7 @@ def prepare_from_adapter(run: Run, source: str, given_lora: dict, mesh=None):
     import jlora
     from jlora.checkpoint import fingerprint
 
-    pretrained, train, held_out = load_inputs(run, mesh)
+    run, pretrained, train, held_out = load_inputs(run, mesh)
     params, lora = load_adapters(source, pretrained)
     contradicted = [
         f"{field}={value!r} (the adapter has {getattr(lora, field)!r})"
@@ -538,7 +543,7 @@ def cmd_train(args) -> int:
     if source:
         run, *prepared = prepare_from_adapter(run, source, given.get("lora", {}), mesh)
     else:
-        prepared = prepare(run, mesh)
+        run, *prepared = prepare(run, mesh)
     with replacing(out, replace, writer=jax.process_index() == 0):
         return train_run(run, out, *prepared, mesh=mesh, progress=not args.quiet, started=started)
 
@@ -660,7 +665,7 @@ def load_run(folder: str):
     if not (path / RUN_FILE).exists():
         raise FileNotFoundError(f"{path} is not a jlora run folder (no {RUN_FILE})")
     run = _run_of(folder)
-    pretrained, params, train, held_out = prepare(run)
+    run, pretrained, params, train, held_out = prepare(run)
     return run, pretrained, restore_adapters(path, run, params), train, held_out
 
 

@@ -166,30 +166,16 @@ def held_out_rows(table, config: DataConfig) -> int:
     return rows
 
 
-def resolve_task(config: DataConfig) -> DataConfig:
-    """`config` with task ``auto`` made concrete: ``chat`` when the first row of the first
-    JSON file is a conversation, else ``completion``. Reads one row; unreadable files are
-    left for `read` to report."""
+def resolve_task(config: DataConfig, table) -> DataConfig:
+    """`config` with task ``auto`` made concrete from the data: ``chat`` when the first row
+    is a conversation, else ``completion``."""
     if config.task != "auto":
         return config
-    return dataclasses.replace(config, task="chat" if _first_row_is_chat(config) else "completion")
-
-
-def _first_row_is_chat(config: DataConfig) -> bool:
-    path = pathlib.Path(config.files[0])
-    if (config.format or FORMATS.get(path.suffix.lower())) != "json" or not path.is_file():
-        return False
-    try:
-        with path.open(encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "")
-        row = json.loads(first) if path.suffix.lower() == ".jsonl" else json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError):
-        return False
-    row = row[0] if isinstance(row, list) and row else row
-    return isinstance(row, dict) and chat.is_chat(row)
+    return dataclasses.replace(config, task="chat" if len(table) and chat.is_chat(table[0]) else "completion")
 
 
 def check_columns(table, config: DataConfig) -> None:
+    config = resolve_task(config, table)
     if config.task == "chat":
         if "messages" not in table.column_names and not {"prompt", "completion"} <= set(table.column_names):
             raise ValueError(
@@ -212,6 +198,7 @@ def check_columns(table, config: DataConfig) -> None:
 
 def encode(table, tokenizer, config: DataConfig) -> Split:
     """Tokenize `table` for `config.task` into fixed-shape arrays."""
+    config = resolve_task(config, table)
     if config.task == "completion":
         return _encode_completion(table, tokenizer, config)
     if config.task == "text":
@@ -312,8 +299,8 @@ class _Blank(dict):
 def prepare(config: DataConfig, tokenizer) -> tuple[Split, Split]:
     """(train, held-out): read, check, split with a fixed seed, encode. Raises on bad input
     before any model work starts."""
-    config = resolve_task(config)
     table = read(config)
+    config = resolve_task(config, table)
     check_columns(table, config)
     parts = table.train_test_split(test_size=held_out_rows(table, config), seed=config.seed, shuffle=True)
     train = encode(parts["train"], tokenizer, config)

@@ -12,6 +12,9 @@ from tests import tiny_task
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+# a review of each label from the run's own data (train loss ~0.002, held-out accuracy >= 0.9): what the
+# trained adapters must answer, whereas a made-up review may be one a 2-layer toy gets wrong
+POSITIVE, NEGATIVE = (next(r["text"] for r in tiny_task.rows(240) if r["label"] == k) for k in ("positive", "negative"))
 FAST = ["--seq-len", "16", "--eval-size", "40", "--batch-size", "8", "--rank", "4", "--quiet"]
 TARGETS = ["--targets", "q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"]
 
@@ -59,7 +62,7 @@ def test_train_writes_a_complete_run_and_learns(trained_run):
 def test_eval_and_generate_use_the_adapters(trained_run, capsys):
     assert cli.main(["eval", "--adapter", str(trained_run), "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] >= 0.9
-    for review, label in (("the movie was lovely and great", "positive"), ("the plot was dull", "negative")):
+    for review, label in ((POSITIVE, "positive"), (NEGATIVE, "negative")):
         assert cli.main(["generate", "--adapter", str(trained_run), "--input", review, "--max-new-tokens", "2"]) == 0
         assert capsys.readouterr().out.split()[0] == label
 
@@ -176,9 +179,9 @@ def test_generate_serves_several_adapters_from_one_base_in_one_batch(trained_run
     peft_dir = str(trained_run / "peft")  # the same adapters again, as a PEFT directory
     prompts = tmp_path / "prompts.jsonl"
     rows = [
-        {"adapter": str(trained_run), "input": "the movie was lovely and great"},
-        {"adapter": peft_dir, "input": "the plot was dull"},
-        {"adapter": "base", "prompt": "Review: the plot was dull\nSentiment:"},
+        {"adapter": str(trained_run), "input": POSITIVE},
+        {"adapter": peft_dir, "input": NEGATIVE},
+        {"adapter": "base", "prompt": f"Review: {NEGATIVE}\nSentiment:"},
     ]
     prompts.write_text("\n".join(map(json.dumps, rows)))
     args = ["generate", "--adapter", str(trained_run), "--adapter", peft_dir, "--max-new-tokens", "2"]

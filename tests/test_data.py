@@ -1,5 +1,7 @@
 """Data pipelines: the default task, the three encodings, truncation, batching."""
 
+import dataclasses
+
 import datasets
 import numpy as np
 import pytest
@@ -21,9 +23,13 @@ def test_default_task_is_rotten_tomatoes_with_a_fixed_held_out_split():
     counts = dict(zip(*np.unique(table["label"], return_counts=True), strict=True))
     assert counts == {"positive": 5_242, "negative": 5_326}
     config = data.DataConfig()
-    first = table.train_test_split(test_size=config.eval_size, seed=config.seed)["test"]["text"]
-    again = data.read(config).train_test_split(test_size=config.eval_size, seed=config.seed)["test"]["text"]
-    assert len(first) == 1000 and first == again
+    rows = data.held_out_rows(table, config)  # min(1000, 10%)
+    first = table.train_test_split(test_size=rows, seed=config.seed)["test"]["text"]
+    again = data.read(config).train_test_split(test_size=rows, seed=config.seed)["test"]["text"]
+    assert rows == 1000 and first == again
+    assert data.held_out_rows(table.select(range(300)), config) == 30
+    with pytest.raises(ValueError, match="not more than --eval-size 300"):
+        data.held_out_rows(table.select(range(300)), dataclasses.replace(config, eval_size=300))
 
 
 def test_completion_rows_are_left_padded_with_the_loss_on_the_completion(tok):
