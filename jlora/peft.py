@@ -175,9 +175,11 @@ def export(
     if not tensors:
         raise ValueError("params hold no adapters to export")
     flat = flatten(params)
-    saved = {k: v for k, v in flat.items() if k[-1] not in (LORA_A, LORA_B) and is_trainable(k, config)}
-    for keys, value in saved.items():  # modules_to_save: full parameters under their own names
-        tensors.update(_saved_tensors(keys, np.asarray(value, np.float32), module_names))
+    saved: dict[str, np.ndarray] = {}  # modules_to_save: full parameters under their own names
+    for keys, value in flat.items():
+        if keys[-1] not in (LORA_A, LORA_B) and is_trainable(keys, config):
+            saved.update(_saved_tensors(keys, np.asarray(value, np.float32), module_names))
+    tensors.update(saved)
     present = set(_leaf_locations(flat, module_names))
     tied = {o: e for o, e in TIED.items() if o not in present and f"{PREFIX}{e}" in tensors}
     tensors.update({f"{PREFIX}{o}": tensors[f"{PREFIX}{e}"] for o, e in tied.items()})
@@ -192,7 +194,8 @@ def export(
         "use_rslora": config.use_rslora,
         "rank_pattern": {re_exact(n): r for n, r in ranks.items() if r != config.r},
         "alpha_pattern": {re_exact(n): a for n, a in alphas.items() if not math.isclose(a, config.alpha)},
-        "modules_to_save": sorted({module_names(k[:-1], None).rsplit(".", 1)[-1] for k in saved}) or None,
+        # full names: peft wraps every module whose name ends with an entry ("norm": input_layernorm too)
+        "modules_to_save": sorted({k.removeprefix(PREFIX).rsplit(".", 1)[0] for k in saved}) or None,
         "layers_to_transform": list(config.layers) if config.layers is not None else None,
         **({"ensure_weight_tying": True} if tied else {}),
         "use_dora": False,
@@ -299,7 +302,8 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
                 "(r / rank_pattern): the config does not belong to these weights"
             )
         layer = index if index is not None else _layer_of(name)
-        if layers is not None and layer not in layers:
+        # peft adapts a module named in full in target_modules whatever layers_to_transform says
+        if layers is not None and layer not in layers and name not in (peft_config.get("target_modules") or ()):
             raise ValueError(f"{directory}: {name} is outside layers_to_transform={layers}")
         n_in = _inputs(shape, a.shape[1], b.shape[0], name)
         factors.setdefault(keys, {})[index] = (a.T.reshape(*shape[:n_in], r), b.T.reshape(r, *shape[n_in:]))
@@ -357,7 +361,7 @@ def _load_saved(
     directory: pathlib.Path, tensors: Mapping[str, np.ndarray], flat: dict, module_names: ModuleNames
 ) -> set[str]:
     """Put the `modules_to_save` tensors (every non-LoRA tensor) into `flat`, a layer of a
-    scanned stack at its row; returns the saved modules' names."""
+    scanned stack at its row; returns the saved modules' paths."""
     at = _leaf_locations(flat, module_names)
     saved = _without_base_copies(directory, {k.removeprefix(PREFIX): v for k, v in tensors.items()}, at, flat)
     saved = _tied(directory, saved, at)
@@ -379,7 +383,7 @@ def _load_saved(
             target = target.copy()
             target[index] = value.reshape(shape)
         flat[keys] = target
-        modules.add(str(keys[-2]))
+        modules.add(path_str(keys[:-1]))
     return modules
 
 

@@ -87,9 +87,7 @@ def save_peft(base, lora: "peft.LoraConfig", out, seed: int = 0):
 
 
 def peft_loaded_logits(base, adapter, bert: bool) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return hf_logits(peft.PeftModel.from_pretrained(hf_model(base), adapter), bert)
+    return hf_logits(peft_reloaded(base, adapter), bert)
 
 
 def lora_settings(model) -> dict[str, tuple[int, float]]:
@@ -119,21 +117,39 @@ def tied_conflict(adapter) -> bool:
 
     tensors = load_file(adapter / "adapter_model.safetensors")
     embed, head = (tensors.get(f"base_model.model.{n}.weight") for n in ("model.embed_tokens", "lm_head"))
-    return (embed is not None or head is not None) and (embed is None or head is None or not np.array_equal(embed, head))
+    return (embed is not None or head is not None) and (
+        embed is None or head is None or not np.array_equal(embed, head)
+    )
 
 
-def check_import(base, adapter, model, scan: bool, expected_refusal: set[str], bert: bool = False):
-    """jlora's import of `adapter` gives peft's logits, or (if `expected_refusal`) a refusal naming one of
-    those fields."""
+def peft_reloaded(base, adapter):
+    """`PeftModel.from_pretrained` on `base`: what the saved files mean to peft (peft saves
+    adapter_config.json with sorted keys, so overlapping pattern keys may resolve otherwise
+    than when the adapter was made)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(hf_model(base), adapter)
+
+
+def check_import(base, adapter, scan: bool, tied: bool = False, bert: bool = False) -> None:
+    """jlora's import of `adapter` gives peft's logits, or refuses naming the field: per-layer
+    rank / alpha differences in a scanned stack, a tied embedding saved apart, or ranks that
+    peft itself cannot load (rank_pattern)."""
     pretrained = jlora_base(base, scan)
-    if expected_refusal:
-        with pytest.raises(ValueError, match="|".join(expected_refusal)):
+    try:
+        model = peft_reloaded(base, adapter)
+    except RuntimeError:  # peft's own size mismatch: the file's ranks contradict its rank_pattern
+        refusal = {"rank_pattern"}
+    else:
+        refusal = per_layer_differences(lora_settings(model)) if scan else set()
+        refusal |= {"modules_to_save"} if tied and tied_conflict(adapter) else set()
+    if refusal:
+        with pytest.raises(ValueError, match="|".join(refusal)):
             jlora.peft.load(adapter, pretrained.params, hf_module_name)
         return
     params, config = jlora.peft.load(adapter, pretrained.params, hf_module_name)
-    theirs = hf_logits(model, bert)
-    np.testing.assert_allclose(jlora_logits(pretrained, params, config, bert), theirs, atol=ATOL, rtol=0)
-    np.testing.assert_allclose(peft_loaded_logits(base, adapter, bert), theirs, atol=ATOL, rtol=0)
+    ours, theirs = jlora_logits(pretrained, params, config, bert), hf_logits(model, bert)
+    np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0)
 
 
 # -- item 1: per-layer patterns on scanned stacks ---------------------------------------
@@ -148,8 +164,8 @@ def check_import(base, adapter, model, scan: bool, expected_refusal: set[str], b
 )
 def test_per_layer_patterns_are_exact_unscanned_and_refused_by_name_scanned(bases, tmp_path, field, pattern):
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **{field: pattern})
-    model = save_peft(bases["untied"], lora, tmp_path / "adapter")
-    check_import(bases["untied"], tmp_path / "adapter", model, scan=False, expected_refusal=set())
+    save_peft(bases["untied"], lora, tmp_path / "adapter")
+    check_import(bases["untied"], tmp_path / "adapter", scan=False)
     with pytest.raises(ValueError, match=rf"{field} gives the layers of the scanned stack .* --no-scan"):
         jlora.peft.load(tmp_path / "adapter", jlora_base(bases["untied"], True).params, hf_module_name)
 
@@ -158,14 +174,14 @@ def test_per_layer_values_outside_the_transformed_layers_import_scanned(bases, t
     lora = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[0], alpha_pattern={"layers.1.*q_proj": 2.0}
     )
-    model = save_peft(bases["untied"], lora, tmp_path / "adapter")
-    check_import(bases["untied"], tmp_path / "adapter", model, scan=True, expected_refusal=set())
+    save_peft(bases["untied"], lora, tmp_path / "adapter")
+    check_import(bases["untied"], tmp_path / "adapter", scan=True)
 
 
 def test_modules_to_save_inside_a_scanned_stack_round_trips(bases, tmp_path):
     lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["input_layernorm"])
     model = save_peft(bases["untied"], lora, tmp_path / "adapter")
-    check_import(bases["untied"], tmp_path / "adapter", model, scan=True, expected_refusal=set())
+    check_import(bases["untied"], tmp_path / "adapter", scan=True)
     pretrained = jlora_base(bases["untied"], True)
     params, config = jlora.peft.load(tmp_path / "adapter", pretrained.params, hf_module_name)
     out = jlora.peft.export(params, config, tmp_path / "again", hf_module_name)
@@ -179,7 +195,7 @@ def test_modules_to_save_inside_a_scanned_stack_round_trips(bases, tmp_path):
 def test_tied_embedding_saved_apart_by_peft_is_refused_by_name(bases, tmp_path, saved):
     lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=saved)
     save_peft(bases["tied"], lora, tmp_path / "adapter")
-    with pytest.raises(ValueError, match="modules_to_save: the model ties lm_head.weight to model.embed_tokens"):
+    with pytest.raises(ValueError, match=r"modules_to_save: the model ties lm_head\.weight to model\.embed_tokens"):
         jlora.peft.load(tmp_path / "adapter", jlora_base(bases["tied"], False).params, hf_module_name)
 
 
@@ -188,14 +204,14 @@ def test_tied_embedding_saved_with_ensure_weight_tying_imports_exactly(bases, tm
     lora = peft.LoraConfig(
         r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=saved, ensure_weight_tying=True
     )
-    model = save_peft(bases["tied"], lora, tmp_path / "adapter")
-    check_import(bases["tied"], tmp_path / "adapter", model, scan=False, expected_refusal=set())
+    save_peft(bases["tied"], lora, tmp_path / "adapter")
+    check_import(bases["tied"], tmp_path / "adapter", scan=False)
 
 
 def test_untied_embedding_and_head_saved_import_exactly(bases, tmp_path):
     lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
-    model = save_peft(bases["untied"], lora, tmp_path / "adapter")
-    check_import(bases["untied"], tmp_path / "adapter", model, scan=True, expected_refusal=set())
+    save_peft(bases["untied"], lora, tmp_path / "adapter")
+    check_import(bases["untied"], tmp_path / "adapter", scan=True)
 
 
 @pytest.mark.parametrize("tie", ["tied", "untied"])
@@ -254,12 +270,149 @@ def test_lm_head_target_with_peft_default_base_layer_save_imports_or_names_the_p
     from safetensors.numpy import load_file, save_file
 
     lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"])
-    model = save_peft(bases["untied"], lora, tmp_path / "adapter")
+    save_peft(bases["untied"], lora, tmp_path / "adapter")
     weights = tmp_path / "adapter" / "adapter_model.safetensors"
     tensors = load_file(weights)
     assert "base_model.model.lm_head.base_layer.weight" in tensors  # peft's save_embedding_layers="auto"
-    check_import(bases["untied"], tmp_path / "adapter", model, scan=True, expected_refusal=set())
+    check_import(bases["untied"], tmp_path / "adapter", scan=True)
     tensors["base_model.model.lm_head.base_layer.weight"] += 1.0  # a different base
     save_file(tensors, weights)
     with pytest.raises(ValueError, match=r"lm_head.base_layer.weight is peft's copy of the base weight lm_head"):
         jlora.peft.load(tmp_path / "adapter", jlora_base(bases["untied"], True).params, hf_module_name)
+
+
+# -- acceptance: drawn configurations, both directions ----------------------------------
+
+# rank_pattern / alpha_pattern keys: by module, and by layer (exact names and regexes)
+MODULE_KEYS = ["q_proj", "v_proj", "down_proj", "self_attn.o_proj", r"mlp\..*_proj"]
+LAYER_KEYS = ["model.layers.1.self_attn.q_proj", r"layers\.0\.mlp\.up_proj", r"layers\.1\..*"]
+BERT_KEYS = ["value", "attention.output.dense", "encoder.layer.1.attention.self.query", r"layer\.0\..*"]
+SAVED = [None, ["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"], ["input_layernorm"], ["norm"]]
+
+
+def settings(examples: int) -> "hypothesis.settings":
+    return hypothesis.settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
+
+
+@st.composite
+def peft_llama_cases(draw):
+    """(base, scan, peft LoraConfig) over the space peft allows on the tiny Llama."""
+    tie = draw(st.sampled_from(["untied", "tied"]))
+    saved = draw(st.sampled_from(SAVED))
+    targets = draw(st.lists(st.sampled_from(TARGETS), min_size=1, max_size=4, unique=True))
+    if tie == "untied" and "lm_head" not in (saved or []) and draw(st.booleans()):
+        targets.append("lm_head")  # peft then also saves lm_head's base weights (base_layer)
+    keys = st.sampled_from(MODULE_KEYS + LAYER_KEYS)
+    lora = peft.LoraConfig(
+        r=draw(st.integers(1, 4)),
+        lora_alpha=draw(st.sampled_from([2, 4.0, 8])),
+        target_modules=targets,
+        layers_to_transform=draw(st.none() | st.lists(st.sampled_from([0, 1]), min_size=1, unique=True)),
+        rank_pattern=draw(st.dictionaries(keys, st.integers(1, 4), max_size=2)),
+        alpha_pattern=draw(st.dictionaries(keys, st.sampled_from([1.0, 3, 6.0]), max_size=2)),
+        use_rslora=draw(st.booleans()),
+        modules_to_save=saved,
+        ensure_weight_tying=draw(st.booleans()),
+    )
+    return tie, draw(st.booleans()), lora
+
+
+@st.composite
+def peft_bert_cases(draw):
+    """(scan, peft LoraConfig) for the tiny BERT classifier (peft adds the classifier to modules_to_save)."""
+    keys = st.sampled_from(BERT_KEYS)
+    lora = peft.LoraConfig(
+        task_type="SEQ_CLS",
+        r=draw(st.integers(1, 4)),
+        lora_alpha=draw(st.sampled_from([2, 4.0, 8])),
+        target_modules=draw(st.lists(st.sampled_from(["query", "key", "value", "dense"]), min_size=1, unique=True)),
+        layers_to_transform=draw(st.none() | st.lists(st.sampled_from([0, 1]), min_size=1, unique=True)),
+        rank_pattern=draw(st.dictionaries(keys, st.integers(1, 4), max_size=2)),
+        alpha_pattern=draw(st.dictionaries(keys, st.sampled_from([1.0, 3, 6.0]), max_size=2)),
+        use_rslora=draw(st.booleans()),
+    )
+    return draw(st.booleans()), lora
+
+
+def import_llama_case(bases, tmp_path, case) -> None:
+    tie, scan, lora = case
+    adapter = tmp_path / "adapter"
+    save_peft(bases[tie], lora, adapter)
+    check_import(bases[tie], adapter, scan, tied=tie == "tied")
+
+
+def import_bert_case(bases, tmp_path, case) -> None:
+    scan, lora = case
+    save_peft(bases["bert"], lora, tmp_path / "adapter")
+    check_import(bases["bert"], tmp_path / "adapter", scan, bert=True)
+
+
+@st.composite
+def jlora_llama_cases(draw):
+    """(base, scan, jlora LoraConfig); pattern keys that match adapted modules (jlora refuses
+    others), layer-indexed ones only unscanned (a scanned path has no layer)."""
+    tie, scan = draw(st.sampled_from(["untied", "tied"])), draw(st.booleans())
+    targets = draw(st.lists(st.sampled_from(TARGETS), min_size=1, max_size=4, unique=True))
+    layers = draw(st.none() | st.lists(st.sampled_from([0, 1]), min_size=1, unique=True))
+    block = lambda t: "self_attn" if t in TARGETS[:4] else "mlp"
+    stacks = ["layers"] if scan else [f"layers_{i}" for i in (layers or [0, 1])]
+    adapted = [f"model/{stack}/{block(t)}/{t}" for stack in stacks for t in targets]
+    keys = ["v_proj", "mlp/down_proj", "self_attn/.*"] + ([] if scan else ["layers_1/self_attn/q_proj", "layers_0/.*"])
+    keys = [k for k in keys if any(jlora.config.suffix_match(k, path) for path in adapted)]
+    patterns = lambda values: st.dictionaries(st.sampled_from(keys), values, max_size=2) if keys else st.just({})
+    saved = [(), ("embed_tokens",), ("input_layernorm",), ("norm",)] + ([("lm_head",)] if tie == "untied" else [])
+    config = jlora.LoraConfig(
+        r=draw(st.integers(1, 4)),
+        alpha=draw(st.sampled_from([2.0, 4.0, 8.0])),
+        target_modules=targets,
+        layers=layers,
+        rank_pattern=draw(patterns(st.integers(1, 4))),
+        alpha_pattern=draw(patterns(st.sampled_from([1.0, 3.0]))),
+        use_rslora=draw(st.booleans()),
+        modules_to_save=draw(st.sampled_from(saved)),
+    )
+    return tie, scan, config
+
+
+def export_llama_case(bases, tmp_path, case) -> None:
+    tie, scan, config = case
+    pretrained = jlora_base(bases[tie], scan)
+    params = jlora.init(pretrained.params, config, jax.random.key(0), specs=pretrained.kernel_specs())
+    params = perturbed(params, config)
+    ours = jlora_logits(pretrained, params, config, False)
+    out = jlora.peft.export(params, config, tmp_path / "adapter", hf_module_name)
+    np.testing.assert_allclose(peft_loaded_logits(bases[tie], out, False), ours, atol=ATOL, rtol=0)
+    back, imported = jlora.peft.load(out, pretrained.params, hf_module_name)
+    np.testing.assert_allclose(jlora_logits(pretrained, back, imported, False), ours, atol=1e-5, rtol=0)
+
+
+CASES = {
+    "peft-llama-in": (peft_llama_cases(), import_llama_case, 14),
+    "peft-bert-in": (peft_bert_cases(), import_bert_case, 5),
+    "jlora-llama-out": (jlora_llama_cases(), export_llama_case, 8),
+}
+
+
+def run_drawn(name: str, bases, tmp_path_factory, scale: int) -> None:
+    strategy, check, examples = CASES[name]
+    run = hypothesis.given(strategy)(lambda case: check(bases, tmp_path_factory.mktemp("case"), case))
+    settings(examples * scale)(run)()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_drawn_configs_match_peft_or_are_refused_by_name(bases, tmp_path_factory, name):
+    run_drawn(name, bases, tmp_path_factory, scale=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CASES)
+def test_drawn_configs_match_peft_or_are_refused_by_name_more(bases, tmp_path_factory, request, name):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("draws 10x more: run with -m slow")
+    run_drawn(name, bases, tmp_path_factory, scale=10)
