@@ -198,7 +198,20 @@ def torch_train(spec: dict) -> tuple[Candidates, dict]:
     return {"step": step}, {"load_s": loaded, "first_step_s": time.perf_counter() - tick}
 
 
-SIDES = {"jlora": jlora_train, "jlora-infer": jlora_infer, "jlora-multi": jlora_multi, "torch": torch_train}
+def peer_train(spec: dict) -> tuple[Candidates, dict]:
+    """The same LoRA step by jlora (Linen path or function transform) or qwix (`benchmarks.peers`)."""
+    from benchmarks.peers import peer_train as train
+
+    return train(spec)
+
+
+SIDES = {
+    "jlora": jlora_train,
+    "jlora-infer": jlora_infer,
+    "jlora-multi": jlora_multi,
+    "torch": torch_train,
+    "peer": peer_train,
+}
 
 
 def main() -> None:
