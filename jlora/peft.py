@@ -271,8 +271,8 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
     config_file = directory / "adapter_config.json"
     peft_config, tensors = read(directory)
     flat = flatten(params)
-    kernels = {keys[:-1]: leaf for keys, leaf in flat.items() if keys[-1] == "kernel"}
     kernel_leaves = {keys: leaf for keys, leaf in flat.items() if keys[-1] == "kernel"}
+    kernels = {keys[:-1]: leaf for keys, leaf in kernel_leaves.items()}
     by_name = {name: (keys[:-1], index) for name, (keys, index) in _locations(kernel_leaves, module_names)}
     layers = peft_config.get("layers_to_transform")
     layers = [layers] if isinstance(layers, int) else layers

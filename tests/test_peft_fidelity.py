@@ -74,15 +74,14 @@ def jlora_logits(pretrained, params, config, bert: bool) -> np.ndarray:
 
 def save_peft(base, lora: "peft.LoraConfig", out, seed: int = 0):
     """A peft model on `base` with random nonzero A, B and saved-module weights, saved to `out`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's tied-weights and modules_to_save notices
-        model = peft.get_peft_model(hf_model(base), lora)
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # peft's notices on tied weights and saved embedding layers
+        model = peft.get_peft_model(hf_model(base), lora)
         for name, param in model.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(out)
+        model.save_pretrained(out)
     return model
 
 
