@@ -392,9 +392,9 @@ def export_llama_case(bases, tmp_path, case) -> None:
 
 
 CASES = {
-    "peft-llama-in": (peft_llama_cases(), import_llama_case, 14),
-    "peft-bert-in": (peft_bert_cases(), import_bert_case, 5),
-    "jlora-llama-out": (jlora_llama_cases(), export_llama_case, 8),
+    "peft-llama-in": (peft_llama_cases(), import_llama_case, 30),
+    "peft-bert-in": (peft_bert_cases(), import_bert_case, 10),
+    "jlora-llama-out": (jlora_llama_cases(), export_llama_case, 15),
 }
 
 
