@@ -113,12 +113,15 @@ TRAIN_FLAGS = {
     "--steps": ("train", "steps", int, "optimizer steps (default 100)"),
     "--batch-size": ("train", "batch_size", int, "sequences per micro-batch (default 8)"),
     "--grad-accum": ("train", "grad_accum", int, "micro-batches per step (default 1)"),
-    "--lr": ("train", "learning_rate", float, "peak learning rate (default 1e-3), warmup then cosine"),
+    "--lr": ("train", "learning_rate", float, "peak learning rate (default 1e-3), after a linear warmup"),
     "--warmup": ("train", "warmup_steps", int, "warmup steps (default 10)"),
     "--weight-decay": ("train", "weight_decay", float, "AdamW weight decay (default 0)"),
     "--dtype": ("train", "dtype", str, "compute dtype: float32 or bfloat16 (parameters stay float32)"),
     "--remat": ("train", "remat", "flag", "recompute each layer in the backward pass: less memory, ~1/3 more time"),
     "--seed": ("train", "seed", int, "seed for adapters, shuffling and dropout"),
+    "--epochs": ("train", "epochs", float, "passes over the training rows, instead of --steps"),
+    "--schedule": ("train", "schedule", str, "learning rate after the warmup: cosine (default), linear or constant"),
+    "--eval-every": ("train", "eval_every", int, "steps between held-out evaluations during training (default: none)"),
     "--checkpoint-every": ("train", "checkpoint_every", int, "steps between checkpoints (default 50, and the last)"),
     "--keep-checkpoints": ("train", "keep_checkpoints", int, "how many recent checkpoints to keep (default 2)"),
 }
@@ -165,6 +168,8 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     unknown = sorted(set(settings) - {"model", "scan", "data", "lora", "train"})
     if unknown:
         raise ValueError(f"unknown config sections {unknown}; known: model, scan, data, lora, train")
+    if {"steps", "epochs"} <= set(settings.get("train") or {}):
+        raise ValueError("give --steps or --epochs (train.steps or train.epochs), not both")
     return settings
 
 
@@ -411,8 +416,9 @@ def load_model(run: Run, labels: int | None = None):
 def load_inputs(run: Run, mesh=None):
     """(run, pretrained, train, held-out), validating as early as possible: data, held-out
     size, model, sequence length, batch and mesh; the run's data task made concrete
-    (``auto``: chat for conversations). Writes nothing."""
+    (``auto``: chat for conversations) and its steps (from ``epochs``). Writes nothing."""
     from jlora import data
+    from jlora import train as training
 
     table = data.read(run.data)  # missing or unreadable files, empty data
     run = dataclasses.replace(run, data=data.resolve_task(run.data, table))
@@ -421,6 +427,7 @@ def load_inputs(run: Run, mesh=None):
     pretrained = load_model(run, _labels(run, table))  # unknown presets, files that are not models
     train, held_out = data.prepare(run.data, pretrained.tokenizer)  # seq_len too small
     data.check_batch(train, run.train.batch_size * run.train.grad_accum)
+    run = dataclasses.replace(run, train=training.with_epochs(run.train, len(train)))
     if mesh is not None:
         from jlora.sharding import BATCH
 
@@ -575,8 +582,11 @@ def train_run(run: Run, out: pathlib.Path, pretrained, params, train_split, held
     with Checkpoints(out / CHECKPOINTS, max_to_keep=run.train.keep_checkpoints) as checkpoints:
         if checkpoints.latest_step() is not None:
             print(f"resuming from step {checkpoints.latest_step()} of {out / CHECKPOINTS}")
+        held_out_metrics = lambda adapters: training.evaluate(
+            eval_step, jlora.join(adapters, base), held_out, run.train.eval_batch_size, False
+        )
         adapters, history = training.fit(
-            task, adapters, base, train_split, run.train, metrics_file, progress, checkpoints, mesh
+            task, adapters, base, train_split, run.train, metrics_file, progress, checkpoints, mesh, held_out_metrics
         )
     if "after" not in evals:
         params = jlora.join(adapters, base)
@@ -590,7 +600,8 @@ def train_run(run: Run, out: pathlib.Path, pretrained, params, train_split, held
         return 0
     shutil.rmtree(out / "peft", ignore_errors=True)  # a resumed run killed after its export writes it again
     export_peft(run, pretrained, jlora.join(adapters, base), out / "peft")
-    training.plot_loss(history, evals, out / "loss.png")
+    during = [r for r in training.read_metrics(metrics_file) if r.get("eval") == "step"]
+    training.plot_loss(history, evals, out / "loss.png", during)
     last = out / CHECKPOINTS / str(run.train.steps)
     adapter_bytes, checkpoint_bytes = _bytes_under(last / "adapters"), _bytes_under(last)
     result = {

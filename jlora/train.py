@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
 import time
@@ -50,6 +51,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50  # steps between adapter checkpoints; the last step is always saved
     keep_checkpoints: int = 2
+    schedule: str = "cosine"  # after the warmup: "cosine" or "linear" decay to zero, or "constant"
+    eval_every: int | None = None  # steps between held-out evaluations during training
+    epochs: float | None = None  # passes over the data; sets `steps` once the data is known (`with_epochs`)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "checkpoint_every", "keep_checkpoints"):
@@ -57,13 +61,37 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError(f"eval_every must be at least 1, got {self.eval_every}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def with_epochs(config: TrainConfig, rows: int) -> TrainConfig:
+    """`config` with `steps` set from `epochs` over `rows` training rows (a partial last
+    batch counts as a step); unchanged without `epochs`."""
+    if config.epochs is None:
+        return config
+    per_step = config.batch_size * config.grad_accum
+    return dataclasses.replace(config, steps=max(1, math.ceil(config.epochs * rows / per_step)))
 
 
 def schedule(config: TrainConfig) -> optax.Schedule:
-    """Linear warmup to the learning rate, then cosine decay towards zero, counted from
-    step 1: the first step trains at lr / warmup (not 0) and the last one above 0."""
-    warmup = min(config.warmup_steps, config.steps)
-    counted_from_one = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, config.steps + 1)
+    """Linear warmup to the learning rate, then `config.schedule` (optax's cosine or linear
+    decay to zero, or constant), counted from step 1: the first step trains at lr / warmup
+    (not 0), and a decay ends above 0 at the last step."""
+    lr, warmup, total = config.learning_rate, min(config.warmup_steps, config.steps), config.steps + 1
+    after = {
+        "cosine": optax.cosine_decay_schedule(lr, total - warmup),
+        "linear": optax.linear_schedule(lr, 0.0, total - warmup),
+        "constant": optax.constant_schedule(lr),
+    }[config.schedule]
+    counted_from_one = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
     return lambda step: counted_from_one(step + 1)
 
 
@@ -269,6 +297,7 @@ def fit(
     progress: bool = True,
     checkpoints: Checkpoints | None = None,
     mesh: Mesh | None = None,
+    evaluate: Callable[[Any], dict] | None = None,
 ) -> tuple[Any, list[dict]]:
     """Train `adapters` for `config.steps` steps; returns them and the per-step history.
     `adapters` are donated to the step (their buffers are reused): keep no other reference.
@@ -278,6 +307,10 @@ def fit(
     there resumes from the latest one: the batches, dropout keys and learning rate are
     pure functions of the step, so it ends exactly where an uninterrupted run would.
     `metrics_file` then loses the records of steps after that checkpoint, which are redone.
+
+    With `evaluate` (adapters -> held-out metrics) and `config.eval_every`, the held-out
+    metrics every that many steps (before the last) go to `metrics_file` as
+    ``{"eval": "step", "step": …}`` records.
 
     With a `mesh` (`jlora.sharding.make_mesh`), the base is placed once, sharded by its
     logical axes, adapters and optimizer state by their kernels', and each process loads
@@ -338,6 +371,8 @@ def fit(
                 metrics={"loss": record["loss"]},
                 extra={"data": {"hash": data_fingerprint, "epoch": epoch, "batch": index}},
             )
+        if evaluate is not None and config.eval_every and (step + 1) % config.eval_every == 0 < config.steps - step - 1:
+            _append_jsonl(metrics_file, {"eval": "step", "step": step + 1, **evaluate(adapters)})
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update()
     bar.close()
@@ -384,8 +419,9 @@ def _append_jsonl(path: pathlib.Path | None, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def plot_loss(history: Iterable[dict], evals: dict[str, dict], path: pathlib.Path) -> None:
-    """A PNG of the training loss per step (and its running mean), with eval losses marked."""
+def plot_loss(history: Iterable[dict], evals: dict[str, dict], path: pathlib.Path, during: Iterable[dict] = ()) -> None:
+    """A PNG of the training loss per step (and its running mean), with the held-out losses
+    before, `during` (``eval_every`` records) and after training marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -399,6 +435,9 @@ def plot_loss(history: Iterable[dict], evals: dict[str, dict], path: pathlib.Pat
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, alpha=0.35, label="train loss")
     ax.plot(steps[window - 1 :], smooth, label=f"train loss, mean of {window}")
+    during = list(during)
+    if during:
+        ax.plot([r["step"] for r in during], [r["loss"] for r in during], "o-", label="held-out loss during training")
     for name, result in evals.items():
         x = 0 if name == "before" else steps[-1]
         label = f"held-out loss {name}" + (f" (accuracy {result['accuracy']:.1%})" if "accuracy" in result else "")
