@@ -23,8 +23,6 @@ import json
 import math
 import pathlib
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -32,6 +30,7 @@ import numpy as np
 
 from jlora.config import LoraConfig
 from jlora.spec import adapter_spec
+from jlora.staging import staged
 from jlora.tree import LORA_A, LORA_B, PyTree, adapted_modules, flatten, is_trainable, path_str, unflatten
 
 PREFIX = "base_model.model."
@@ -204,15 +203,9 @@ def export(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out) as staging:
         (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
         save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

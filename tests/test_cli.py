@@ -1,6 +1,8 @@
 """The `jlora` command end to end on a tiny model, and its errors on bad input."""
 
 import json
+import os
+import stat
 
 import jax.numpy as jnp
 import numpy as np
@@ -94,7 +96,13 @@ def test_the_run_folder_holds_a_peft_export_peft_loads(trained_run, files, tmp_p
     model_dir, _ = files
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     assert_same_logits(trained_run, peft.PeftModel.from_pretrained(base, trained_run / "peft").eval())
-    assert cli.main(["export-peft", str(trained_run), str(tmp_path / "again")]) == 0
+    mask = os.umask(0o022)
+    try:
+        assert cli.main(["export-peft", str(trained_run), str(tmp_path / "again")]) == 0
+    finally:
+        os.umask(mask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "again", *(tmp_path / "again").iterdir()]}
+    assert modes == {"again": 0o755, "adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}  # servable
     assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == (
         trained_run / "peft" / "adapter_model.safetensors"
     ).read_bytes()
