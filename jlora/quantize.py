@@ -172,19 +172,21 @@ def _unblocks(x: jax.Array, length: int) -> jax.Array:
 
 def _absmax_scaled(x: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
     """bnb's blockwise absmax and values scaled into [-1, 1] (``(..., nb)``, ``(..., nb, bs)``):
-    full blocks multiply by the reciprocal, a partial last block divides, both clamp the
-    absmax at 1e-38, and the partial block stores the clamped absmax."""
+    full blocks multiply by the reciprocal, a partial last block divides, and an all-zero
+    block scales to 0 (bnb clamps its absmax at 1e-38, a subnormal, which it stores for a
+    partial block; XLA flushes subnormals to zero, hence the explicit cases)."""
     length = x.shape[-1]
     full = length // block_size * block_size
     blocks = x[..., :full].reshape(*x.shape[:-1], -1, block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
-    scaled = blocks * (1.0 / jnp.maximum(absmax, 1e-38))[..., None]
+    inverse = jnp.where(absmax == 0, 0.0, 1.0 / jnp.where(absmax == 0, 1.0, absmax))
+    scaled = blocks * inverse[..., None]
     if full < length:
         rest = x[..., full:]
-        last = jnp.maximum(jnp.max(jnp.abs(rest), axis=-1), 1e-38)
-        rest = _blocks(rest / last[..., None], block_size)
-        absmax = jnp.concatenate([absmax, last[..., None]], axis=-1)
-        scaled = jnp.concatenate([scaled, rest], axis=-2)
+        last = jnp.max(jnp.abs(rest), axis=-1, keepdims=True)
+        rest = jnp.where(last == 0, 0.0, rest / jnp.where(last == 0, 1.0, last))
+        absmax = jnp.concatenate([absmax, jnp.where(last == 0, np.float32(1e-38), last)], axis=-1)
+        scaled = jnp.concatenate([scaled, _blocks(rest, block_size)], axis=-2)
     return absmax, jnp.clip(scaled, -1.0, 1.0)
 
 
