@@ -4,7 +4,7 @@ that are unrolled or `nn.scan`-ned."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -59,23 +59,29 @@ def norm(kind: type[nn.RMSNorm] | type[nn.LayerNorm], epsilon: float, dtype: Dty
     return kind(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name, **inits)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dropout: Callable[[jax.Array], jax.Array] | None = None
+) -> jax.Array:
     """Softmax attention in float32 with grouped KV heads (no repeated K/V in memory).
 
-    q (B, T, H, D), k and v (B, S, K, D) with H a multiple of K, mask (B, T, S) bool."""
+    q (B, T, H, D), k and v (B, S, K, D) with H a multiple of K, mask (B, T, S) bool;
+    `dropout`, if given, is applied to the attention probabilities."""
     b, t, h, d = q.shape
     groups = h // k.shape[2]
     q = q.reshape(b, t, k.shape[2], groups, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = (probs if dropout is None else dropout(probs)).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-def causal_mask(query_slots: jax.Array, key_valid: jax.Array, sliding_window: int | None = None) -> jax.Array:
+def causal_mask(
+    query_slots: jax.Array, key_valid: jax.Array, sliding_window: int | jax.Array | None = None
+) -> jax.Array:
     """(B, T, S): key slot s is visible from query slot t if s <= t, the key is not padding,
-    and (with a window) t - s < window."""
+    and (with a window, a static or traced integer) t - s < window."""
     key_slots = jnp.arange(key_valid.shape[-1])
     visible = key_slots[None, None, :] <= query_slots[..., None]
     if sliding_window is not None:
@@ -122,6 +128,7 @@ def run_layers(
     name: str,
     x: jax.Array,
     *args,
+    per_layer: Sequence[jax.Array] = (),
     remat: bool = False,
     **block_kwargs,
 ) -> jax.Array:
@@ -129,7 +136,8 @@ def run_layers(
     ``{name}_0``, ``{name}_1``, … (the Hugging Face layout), or one `nn.scan` named
     `name` whose parameters and cache carry a leading ``layers`` axis (faster compiles).
     Blocks take a ``scanned`` attribute and then return ``(x, None)``; `args` are
-    broadcast to every layer. With `remat`, each block keeps only its input for the
+    broadcast to every layer; each array of `per_layer` has a leading axis of `n_layers` and
+    layer i gets its row i (after `args`). With `remat`, each block keeps only its input for the
     backward pass and recomputes the rest (`nn.remat`): activation memory of one layer
     instead of all, for about one more forward pass; Python bools in `args` stay static.
     Use it with `scan`: unrolled, XLA may schedule the recomputation early and keep as much."""
@@ -137,14 +145,14 @@ def run_layers(
         block = nn.remat(block, static_argnums=tuple(2 + i for i, a in enumerate(args) if isinstance(a, bool)))
     if not scan:
         for i in range(n_layers):
-            x = block(**block_kwargs, name=f"{name}_{i}")(x, *args)
+            x = block(**block_kwargs, name=f"{name}_{i}")(x, *args, *(a[i] for a in per_layer))
         return x
     stack = nn.scan(
         block,
         variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=nn.broadcast,
+        in_axes=(nn.broadcast,) * len(args) + (0,) * len(per_layer),
         length=n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return stack(**block_kwargs, scanned=True, name=name)(x, *args)[0]
+    return stack(**block_kwargs, scanned=True, name=name)(x, *args, *per_layer)[0]

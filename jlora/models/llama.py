@@ -19,7 +19,9 @@ import numpy as np
 from jlora.models.layers import KVCache, attention, causal_mask, dense, norm, run_layers
 
 Dtype = Any
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+NO_WINDOW = np.iinfo(np.int32).max  # the window of a full-attention layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +42,16 @@ class LlamaConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_positions: int = 8192
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_truncate: bool = True  # yarn
+    rope_attention_factor: float = 1.0  # yarn: scales cos and sin
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # which layers the window applies to (None: all)
     model_type: str = "llama"
 
     def __post_init__(self):
@@ -52,14 +59,21 @@ class LlamaConfig:
             raise ValueError(f"RoPE type {self.rope_type!r} is not supported; jlora supports {ROPE_TYPES}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.layer_types is not None and (
+            len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES)
+        ):
+            raise ValueError(f"layer_types {self.layer_types} must give one of {LAYER_TYPES} per layer")
 
     @classmethod
     def from_hf(cls, hf: Any) -> LlamaConfig:
         """From a transformers config object (Llama, Mistral or Qwen2)."""
         rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
         heads = hf.num_attention_heads
-        attention_bias = bool(getattr(hf, "attention_bias", False))
-        is_qwen2 = hf.model_type == "qwen2"
+        is_llama, is_qwen2 = hf.model_type == "llama", hf.model_type == "qwen2"
+        # as transformers: only Llama reads attention_bias / mlp_bias (Qwen2 has q/k/v biases,
+        # Mistral none); Mistral puts its window on every layer, Qwen2 on its layer_types' sliding ones
+        attention_bias = is_llama and bool(getattr(hf, "attention_bias", False))
+        window = None if is_llama or not getattr(hf, "use_sliding_window", True) else hf.sliding_window
         if hf.hidden_act != "silu":
             raise ValueError(f"hidden_act {hf.hidden_act!r} is not supported; the Llama family uses 'silu'")
         return cls(
@@ -77,11 +91,16 @@ class LlamaConfig:
             rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
             rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
             rope_original_max_positions=rope.get("original_max_position_embeddings", 8192),
+            rope_beta_fast=rope.get("beta_fast") or 32.0,
+            rope_beta_slow=rope.get("beta_slow") or 1.0,
+            rope_truncate=rope.get("truncate", True),
+            rope_attention_factor=yarn_attention_factor(rope) if rope.get("rope_type") == "yarn" else 1.0,
             tie_word_embeddings=bool(hf.tie_word_embeddings),
             qkv_bias=attention_bias or is_qwen2,
             o_bias=attention_bias,
-            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            sliding_window=getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None,
+            mlp_bias=is_llama and bool(getattr(hf, "mlp_bias", False)),
+            sliding_window=window,
+            layer_types=tuple(hf.layer_types) if is_qwen2 and window is not None else None,
             model_type=hf.model_type,
         )
 
@@ -101,7 +120,36 @@ class LlamaConfig:
             smoothed = (1 - smooth) * scaled / self.rope_factor + smooth * scaled
             medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
             return np.where(medium, smoothed, scaled)
+        if self.rope_type == "yarn":
+            return self._yarn(inv)
         return inv
+
+    def _yarn(self, inv: np.ndarray) -> np.ndarray:
+        """YaRN: interpolated (inv / factor) low frequencies, extrapolated (inv) high ones,
+        blended by a linear ramp over the correction range (transformers' formula)."""
+        dim, original = self.head_dim, self.rope_original_max_positions
+        correction = lambda turns: dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(self.rope_theta))
+        low, high = correction(self.rope_beta_fast), correction(self.rope_beta_slow)
+        if self.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        extrapolated = 1 - np.clip((np.arange(dim // 2) - low) / ((high - low) or 0.001), 0, 1)
+        return inv / self.rope_factor * (1 - extrapolated) + inv * extrapolated
+
+    def layer_windows(self) -> np.ndarray:
+        """Each layer's sliding window (int32; `NO_WINDOW` for full attention)."""
+        sliding = self.layer_types or ("sliding_attention",) * self.num_layers
+        window = NO_WINDOW if self.sliding_window is None else self.sliding_window
+        return np.array([window if t == "sliding_attention" else NO_WINDOW for t in sliding], np.int32)
+
+
+def yarn_attention_factor(rope: dict) -> float:
+    """YaRN's scale of cos and sin: `attention_factor`, or derived from `factor` (and `mscale`)."""
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    scale = lambda m=1.0: 1.0 if rope["factor"] <= 1 else 0.1 * m * math.log(rope["factor"]) + 1.0
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    return scale(mscale) / scale(mscale_all_dim) if mscale and mscale_all_dim else scale()
 
 
 def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -122,7 +170,7 @@ class LlamaAttention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin):
+    def __call__(self, x, mask, cos, sin, window):
         c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype}
         q = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias, name="q_proj", **kw)
         k = dense(
@@ -136,7 +184,7 @@ class LlamaAttention(nn.Module):
             k, v, key_valid, slots = KVCache(name="cache")(k, v, mask)
         else:
             key_valid, slots = mask, jnp.arange(x.shape[1])[None]
-        h = attention(q, k, v, causal_mask(slots, key_valid, c.sliding_window))
+        h = attention(q, k, v, causal_mask(slots, key_valid, window))
         out = dense(
             c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=c.o_bias, name="o_proj", **kw
         )
@@ -164,10 +212,10 @@ class LlamaBlock(nn.Module):
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin):
+    def __call__(self, x, mask, cos, sin, window):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         attn = LlamaAttention(self.config, decode=self.decode, name="self_attn", **kw)
-        x = x + attn(rms_norm(self.config, name="input_layernorm", **kw)(x), mask, cos, sin)
+        x = x + attn(rms_norm(self.config, name="input_layernorm", **kw)(x), mask, cos, sin, window)
         x = x + LlamaMLP(self.config, name="mlp", **kw)(rms_norm(self.config, name="post_attention_layernorm", **kw)(x))
         return (x, None) if self.scanned else x
 
@@ -186,10 +234,13 @@ class LlamaModel(nn.Module):
         x = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=embed_init, name="embed_tokens", **kw)(input_ids)
         angles = positions[..., None].astype(jnp.float32) * jnp.asarray(c.inv_freq(), jnp.float32)
         angles = jnp.concatenate([angles, angles], axis=-1)
-        cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
+        scale = c.rope_attention_factor
+        cos, sin = (jnp.cos(angles) * scale).astype(self.dtype), (jnp.sin(angles) * scale).astype(self.dtype)
         block_kwargs = {"config": c, "decode": decode, **kw}
+        windows = (jnp.asarray(c.layer_windows()),)
+        args = (x, attention_mask, cos, sin)
         x = run_layers(
-            LlamaBlock, c.num_layers, self.scan, "layers", x, attention_mask, cos, sin, remat=self.remat, **block_kwargs
+            LlamaBlock, c.num_layers, self.scan, "layers", *args, per_layer=windows, remat=self.remat, **block_kwargs
         )
         return rms_norm(c, name="norm", **kw)(x)
 

@@ -16,6 +16,7 @@ import json
 import math
 import pathlib
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -26,13 +27,21 @@ import numpy as np
 
 import jlora
 from jlora.models.bert import BertConfig, BertForSequenceClassification, BertModel
-from jlora.models.llama import LlamaConfig, LlamaForCausalLM
+from jlora.models.llama import ROPE_TYPES, LlamaConfig, LlamaForCausalLM
 from jlora.tree import flatten, path_str, unflatten
 
 Tensors = Mapping[str, Callable[[], Any]]
 LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-# buffers that checkpoints carry but that are not parameters
-IGNORED = (r".*\.rotary_emb\.inv_freq", r"(bert\.)?embeddings\.position_ids")
+# buffers that checkpoints carry but that are not parameters, and BERT's pre-training heads
+# (BertForPreTraining / BertForMaskedLM: the encoder is loaded, its heads dropped)
+IGNORED = (r".*\.rotary_emb\.inv_freq", r"(bert\.)?embeddings\.position_ids", r"cls\..*")
+# the transformers classes whose checkpoints jlora reads, by model_type
+ARCHITECTURES = {
+    "llama": {"LlamaForCausalLM"},
+    "mistral": {"MistralForCausalLM"},
+    "qwen2": {"Qwen2ForCausalLM"},
+    "bert": {"BertModel", "BertForSequenceClassification", "BertForPreTraining", "BertForMaskedLM"},
+}
 
 
 @dataclasses.dataclass
@@ -139,11 +148,10 @@ def _convert(tensors: Tensors, name: str, keys: tuple, shape: tuple[int, ...], s
 
 def _find(name: str, tensors: Tensors) -> str | None:
     """The checkpoint's name for `name`, also when the checkpoint lacks the task wrapper's
-    prefix (a BertModel checkpoint loaded into BertForSequenceClassification)."""
-    if name in tensors:
-        return name
+    prefix (a BertModel checkpoint loaded into BertForSequenceClassification) or has one
+    that the model lacks (a BertForPreTraining checkpoint loaded into BertModel)."""
     stripped = name.split(".", 1)[1] if "." in name else name
-    return stripped if stripped in tensors else None
+    return next((n for n in (name, stripped, f"bert.{name}") if n in tensors), None)
 
 
 def stack_layers(params: dict) -> dict:
@@ -215,19 +223,81 @@ def load_hf(
     hf = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     if num_labels is not None:
         hf.num_labels = num_labels
-    if hf.model_type in ("llama", "mistral", "qwen2"):
-        config = LlamaConfig.from_hf(hf)
-    elif hf.model_type == "bert":
-        config = BertConfig.from_hf(hf)
-    else:
+    if hf.model_type not in ARCHITECTURES:
         raise ValueError(
             f"{directory}: model_type {hf.model_type!r} is not supported; jlora has llama, mistral, qwen2, bert"
         )
+    try:
+        check_hf_config(hf, head)
+        config = BertConfig.from_hf(hf) if hf.model_type == "bert" else LlamaConfig.from_hf(hf)
+    except ValueError as error:
+        raise ValueError(f"{directory}: {error}") from None
     model = build_model(config, head=head, scan=scan, dtype=dtype, param_dtype=param_dtype)
     tensors = safetensors_tensors(directory)
-    fresh = ("classifier",) if head == "classifier" and not any("classifier" in n for n in tensors) else ()
+    fresh = fresh_modules(config, head, tensors)
+    if "pooler" in fresh:
+        warnings.warn(f"{directory}: the checkpoint has no pooler (as BertForMaskedLM); it starts fresh", stacklevel=2)
     params = assemble(model, tensors, param_dtype=param_dtype, fresh=fresh, source=str(directory))
     return Pretrained(model, params, config, _hf_tokenizer(directory) if tokenizer else None, str(directory))
+
+
+def fresh_modules(config: LlamaConfig | BertConfig, head: str | None, tensors: Tensors) -> tuple[str, ...]:
+    """The modules the checkpoint lacks that start from their initialisation, as transformers'
+    do: a classification head, and BERT's pooler (BertForMaskedLM checkpoints have none)."""
+    if not isinstance(config, BertConfig):
+        return ()
+    classifier = ("classifier",) if head == "classifier" and not any("classifier" in n for n in tensors) else ()
+    pooler = () if any(".pooler." in f".{n}" for n in tensors) else ("pooler",)
+    return classifier + pooler
+
+
+def check_hf_config(hf: Any, head: str | None = None) -> None:
+    """Refuse, naming the field, a transformers config whose architecture jlora would not
+    reproduce exactly.
+
+    Every field that transformers' Llama, Mistral, Qwen2 and BERT models read is either
+    carried into `LlamaConfig` / `BertConfig` (sizes, heads, KV heads, head_dim, biases,
+    norm epsilons, activations, RoPE theta and default / linear / llama3 / yarn scaling,
+    Mistral's window, Qwen2's per-layer windows, tied embeddings, BERT's dropouts and
+    initializer range, labels), refused here or by `from_hf`, or has no effect on the
+    outputs (use_cache, token ids, pretraining_tp, max_position_embeddings without dynamic
+    RoPE, chunk_size_feed_forward, the attention implementation, dtype: jlora's own)."""
+    problems = [f"config field {field}={value!r} is not supported: {why}" for field, value, why in _refusals(hf, head)]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _refusals(hf: Any, head: str | None) -> list[tuple[str, Any, str]]:
+    """(field, value, what jlora supports) for each field of `hf` that jlora cannot honour."""
+    out = []
+    architectures = set(getattr(hf, "architectures", None) or ())
+    if not architectures <= ARCHITECTURES[hf.model_type]:
+        out.append(("architectures", sorted(architectures), f"jlora reads {sorted(ARCHITECTURES[hf.model_type])}"))
+    if getattr(hf, "quantization_config", None):
+        out.append(("quantization_config", hf.quantization_config, "jlora reads unquantized checkpoints"))
+    if hf.model_type == "bert":
+        if getattr(hf, "is_decoder", False):
+            out.append(("is_decoder", True, "jlora's BERT is a bidirectional encoder"))
+        if getattr(hf, "add_cross_attention", False):
+            out.append(("add_cross_attention", True, "jlora's BERT has no cross-attention"))
+        problem = getattr(hf, "problem_type", None)
+        if head == "classifier" and problem not in (None, "single_label_classification"):
+            out.append(("problem_type", problem, "jlora trains classifiers with softmax cross-entropy"))
+        return out
+    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    if any(isinstance(value, dict) for value in rope.values()):
+        return [*out, ("rope_parameters", rope, "one RoPE for every layer")]
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        out.append(("rope_parameters.rope_type", rope_type, f"jlora's RoPE types are {list(ROPE_TYPES)}"))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        out.append(("rope_parameters.partial_rotary_factor", rope["partial_rotary_factor"], "RoPE over all head_dim"))
+    if getattr(hf, "attention_dropout", 0.0):
+        out.append(("attention_dropout", hf.attention_dropout, "jlora's decoders have no attention dropout (use 0)"))
+    layer_types = getattr(hf, "layer_types", None) or ()
+    if hf.model_type == "qwen2" and "sliding_attention" in layer_types and hf.sliding_window is None:
+        out.append(("layer_types", list(layer_types), "sliding layers need a sliding_window and use_sliding_window"))
+    return out
 
 
 def _hf_tokenizer(directory: pathlib.Path):
@@ -256,8 +326,30 @@ GGUF_NAMES = {
 }
 
 
+# the architecture keys of GGUF metadata (``llama.block_count`` …) that `gguf_config` honours;
+# any other is refused by name
+GGUF_KEYS = {
+    "context_length",  # no effect without dynamic RoPE
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "vocab_size",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.value_length",
+    "attention.layer_norm_rms_epsilon",
+    "rope.freq_base",
+    "rope.dimension_count",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+}
+
+
 def gguf_config(reader) -> LlamaConfig:
-    """A `LlamaConfig` from a GGUF file's metadata."""
+    """A `LlamaConfig` from a GGUF file's metadata; metadata it cannot honour (unknown
+    architecture keys, partial or non-linear RoPE scaling, per-layer head counts, value
+    heads of another size than keys) is refused by name."""
     fields = {
         name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.token")
     }
@@ -265,8 +357,22 @@ def gguf_config(reader) -> LlamaConfig:
     if arch not in ("llama", "qwen2", "mistral"):
         raise ValueError(f"GGUF architecture {arch!r} is not supported; jlora reads llama, qwen2 and mistral")
     get = lambda key, default=None: fields.get(f"{arch}.{key}", default)
+    unknown = sorted(name for name in fields if name.startswith(f"{arch}.") and name[len(arch) + 1 :] not in GGUF_KEYS)
+    if unknown:
+        raise ValueError(f"GGUF metadata {unknown} is not supported; jlora reads {sorted(GGUF_KEYS)}")
     heads = get("attention.head_count")
     hidden = get("embedding_length")
+    head_dim = get("attention.key_length") or hidden // heads
+    kv_heads, scaling = get("attention.head_count_kv", heads), get("rope.scaling.type", "none")
+    checks = (
+        ("attention.head_count_kv", kv_heads, isinstance(kv_heads, int), "one KV head count for every layer"),
+        ("attention.value_length", get("attention.value_length", head_dim), None, f"value heads of {head_dim}"),
+        ("rope.dimension_count", get("rope.dimension_count", head_dim), None, f"RoPE over all {head_dim} dims"),
+        ("rope.scaling.type", scaling, scaling in ("none", "linear"), "RoPE scaling 'none' or 'linear'"),
+    )
+    for key, value, ok, supported in checks:
+        if not (value == head_dim if ok is None else ok):
+            raise ValueError(f"GGUF metadata {arch}.{key}={value!r} is not supported; jlora supports {supported}")
     names = {t.name for t in reader.tensors}
     return LlamaConfig(
         vocab_size=get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
@@ -275,9 +381,11 @@ def gguf_config(reader) -> LlamaConfig:
         num_layers=get("block_count"),
         num_heads=heads,
         num_kv_heads=get("attention.head_count_kv", heads),
-        head_dim=get("attention.key_length") or hidden // heads,
+        head_dim=head_dim,
         rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
         rope_theta=get("rope.freq_base", 10000.0),
+        rope_type="linear" if scaling == "linear" else "default",
+        rope_factor=get("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0,
         tie_word_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
         o_bias="blk.0.attn_output.bias" in names,
@@ -320,6 +428,10 @@ def load_gguf(
     import gguf
 
     path = pathlib.Path(path)
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')")
     reader = gguf.GGUFReader(str(path))
     config = gguf_config(reader)
     model = build_model(config, head=None, scan=scan, dtype=dtype, param_dtype=param_dtype)
