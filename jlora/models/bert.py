@@ -9,6 +9,7 @@ so peft target lists such as ``["query", "value"]`` work unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +32,8 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1  # on the attention probabilities
+    classifier_dropout: float | None = None  # before the classifier (None: hidden_dropout)
     num_labels: int = 2
     model_type: str = "bert"
 
@@ -54,6 +57,8 @@ class BertConfig:
             type_vocab_size=hf.type_vocab_size,
             layer_norm_eps=hf.layer_norm_eps,
             hidden_dropout=hf.hidden_dropout_prob,
+            attention_dropout=hf.attention_probs_dropout_prob,
+            classifier_dropout=getattr(hf, "classifier_dropout", None),
             num_labels=hf.num_labels,
             model_type=hf.model_type,
         )
@@ -69,13 +74,16 @@ class BertSelfAttention(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, deterministic: bool):
         c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype}
         q, k, v = (
             dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), use_bias=True, name=name, **kw)(x)
             for name in ("query", "key", "value")
         )
-        return attention(q, k, v, jnp.broadcast_to(mask[:, None, :].astype(bool), (*mask.shape, mask.shape[1])))
+        dropout = functools.partial(nn.Dropout(c.attention_dropout), deterministic=deterministic)
+        return attention(
+            q, k, v, jnp.broadcast_to(mask[:, None, :].astype(bool), (*mask.shape, mask.shape[1])), dropout
+        )
 
 
 class BertOutput(nn.Module):
@@ -103,7 +111,7 @@ class BertAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, deterministic: bool):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        h = BertSelfAttention(self.config, name="self", **kw)(x, mask)
+        h = BertSelfAttention(self.config, name="self", **kw)(x, mask, deterministic)
         return BertOutput(self.config, ("heads", "head_dim", "embed"), (-2, -1), name="output", **kw)(
             h, x, deterministic
         )
@@ -223,7 +231,8 @@ class BertForSequenceClassification(nn.Module):
         c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype}
         bert = BertModel(c, self.scan, remat=self.remat, name="bert", **kw)
         _, pooled = bert(input_ids, attention_mask, token_type_ids, deterministic)
-        pooled = nn.Dropout(c.hidden_dropout)(pooled, deterministic=deterministic)
+        rate = c.hidden_dropout if c.classifier_dropout is None else c.classifier_dropout
+        pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
         return dense(c.num_labels, ("embed", "labels"), use_bias=True, name="classifier", **kw)(pooled).astype(
             jnp.float32
         )

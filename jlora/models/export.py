@@ -55,6 +55,8 @@ def hf_config(config: LlamaConfig | BertConfig, architecture: str):
             type_vocab_size=config.type_vocab_size,
             layer_norm_eps=config.layer_norm_eps,
             hidden_dropout_prob=config.hidden_dropout,
+            attention_probs_dropout_prob=config.attention_dropout,
+            classifier_dropout=config.classifier_dropout,
             num_labels=config.num_labels,
         )
     rope = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
@@ -66,11 +68,22 @@ def hf_config(config: LlamaConfig | BertConfig, architecture: str):
             "high_freq_factor": config.rope_high_freq_factor,
             "original_max_position_embeddings": config.rope_original_max_positions,
         }
+    if config.rope_type == "yarn":
+        rope |= {
+            "original_max_position_embeddings": config.rope_original_max_positions,
+            "beta_fast": config.rope_beta_fast,
+            "beta_slow": config.rope_beta_slow,
+            "truncate": config.rope_truncate,
+            "attention_factor": config.rope_attention_factor,
+        }
     extra = {} if config.model_type == "qwen2" else {"attention_bias": config.o_bias}
     if config.model_type == "llama":
         extra["mlp_bias"] = config.mlp_bias
     if config.model_type == "mistral":
         extra["sliding_window"] = config.sliding_window
+    if config.model_type == "qwen2" and config.sliding_window is not None:
+        extra |= {"use_sliding_window": True, "sliding_window": config.sliding_window}
+        extra["layer_types"] = list(config.layer_types or ("sliding_attention",) * config.num_layers)
     return getattr(transformers, HF_CLASSES[config.model_type])(
         **common,
         intermediate_size=config.intermediate_size,
