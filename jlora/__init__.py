@@ -9,7 +9,7 @@ merged = jlora.merge(params, config)            # W + s·A·B for inference
 from jlora.apply import apply, intercept
 from jlora.config import LoraConfig
 from jlora.merge import merge, unmerge
-from jlora.optim import optimizer
+from jlora.optim import loraplus, optimizer
 from jlora.spec import KernelSpec, adapter_spec, kernel_specs
 from jlora.summary import Summary, summary
 from jlora.transform import init
@@ -26,6 +26,7 @@ __all__ = [
     "join",
     "kernel_specs",
     "labels",
+    "loraplus",
     "merge",
     "optimizer",
     "split",

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 INITS = ("lora", "gaussian")
+# initialisations from the kernel itself, which also replace it by the residual W - s·A·B
+BASE_CHANGING_INITS = ("pissa", "pissa_niter_<N>", "olora")
 DEFAULT_LAYERS_PATTERN = "layers?|h|blocks?"
 
 
@@ -76,7 +78,13 @@ class LoraConfig:
       alpha_pattern: per-module alpha overrides, ``{regex: alpha}``.
       use_rslora: scale by alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r.
       init: ``"lora"`` (A Kaiming-uniform as in peft, B = 0) or ``"gaussian"`` (A normal
-        with std 1/r, B = 0). Either way the adapted model starts equal to the base.
+        with std 1/r, B = 0): the base is untouched and the adapted model starts equal to it.
+        ``"pissa"`` (Meng et al. 2024: A, B from the kernel's top-r singular triplets),
+        ``"pissa_niter_N"`` (the same by randomized SVD with N subspace iterations) or
+        ``"olora"`` (Büyükakyüz 2024: A, B from the kernel's QR decomposition) also replace each
+        adapted kernel by the residual ``W - s·A·B``, as peft does: `init` returns that
+        residual base, the adapted model still starts equal to the original, and a PEFT export
+        needs the initial adapters to convert back to the original base (`jlora.peft.export`).
       modules_to_save: modules whose every parameter is trained fully (e.g. a classifier).
       dtype: dtype of the adapter parameters.
     """
@@ -101,8 +109,8 @@ class LoraConfig:
         _check_alpha("alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.init not in INITS:
-            raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+        if self.init not in INITS and not self.changes_base:
+            raise ValueError(f"LoraConfig.init must be one of {INITS + BASE_CHANGING_INITS}, got {self.init!r}")
         target = _names("target_modules", self.target_modules)
         if not target:
             raise ValueError("LoraConfig.target_modules is empty: name the modules to adapt, e.g. ['q_proj', 'v_proj']")
@@ -125,6 +133,11 @@ class LoraConfig:
             set_("dtype", jnp.dtype(self.dtype).name)
         except TypeError:
             raise ValueError(f"LoraConfig.dtype: {self.dtype!r} is not a dtype") from None
+
+    @property
+    def changes_base(self) -> bool:
+        """Whether `init` replaces the adapted kernels by a residual (PiSSA, OLoRA)."""
+        return self.init in ("pissa", "olora") or re.fullmatch(r"pissa_niter_\d+", str(self.init)) is not None
 
     # -- per-module decisions ------------------------------------------------------
     def targets(self, path: str) -> bool:

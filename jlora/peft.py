@@ -128,19 +128,36 @@ DEFAULTS = {
 }
 
 
-def _modules(params: PyTree, config: LoraConfig, module_names: ModuleNames):
-    """(HF module name, A, B, jlora path) per adapted module and layer; the layers of a
-    stacked kernel that `config.layers` leaves out (A = B = 0) are skipped."""
+def _modules(params: PyTree, config: LoraConfig, module_names: ModuleNames, initial: PyTree | None = None):
+    """(HF module name, A, B, scale) per adapted module and layer; the layers of a stacked
+    kernel that `config.layers` leaves out (A = B = 0) are skipped. With `initial` (the tree
+    `init` returned), A and B are converted as `_with_initial` says."""
+    starts = adapted_modules(initial) if initial is not None else None
     for keys, leaves in adapted_modules(params).items():
         kernel, a, b = leaves["kernel"], np.asarray(leaves[LORA_A], np.float32), np.asarray(leaves[LORA_B], np.float32)
         spec = adapter_spec(kernel.shape, a.shape, b.shape)
         if spec.stack > 1:
             raise ValueError(f"{path_str(keys)}: {spec.stack} stacked axes; export handles one")
+        scale = config.scale(path_str(keys), a.shape[-1])
+        if starts is not None:
+            a, b = _with_initial(keys, a, b, spec.stack, starts.get(keys))
         for index in range(kernel.shape[0]) if spec.stack else [None]:
             if index is not None and config.layers is not None and index not in config.layers:
                 continue
             layer_a, layer_b = (a[index], b[index]) if spec.stack else (a, b)
-            yield module_names(keys, index), layer_a, layer_b, path_str(keys)
+            yield module_names(keys, index), layer_a, layer_b, scale
+
+
+def _with_initial(keys: tuple, a: np.ndarray, b: np.ndarray, stack: int, start: Mapping | None):
+    """``([A | A0], [B; -B0])``, rank 2r: on the original base W = W_res + s·A0·B0, the trained
+    ``W_res + s·A·B`` is ``W + s·(A·B - A0·B0)``, what peft's ``save_pretrained(...,
+    path_initial_model_for_weight_conversion=...)`` writes for PiSSA / OLoRA (`subtract_mutated_init`)."""
+    if start is None or np.shape(start[LORA_A]) != a.shape or np.shape(start[LORA_B]) != b.shape:
+        raise ValueError(
+            f"export: initial holds no adapter shaped like {path_str(keys)}'s; pass the tree jlora.init returned"
+        )
+    a0, b0 = np.asarray(start[LORA_A], np.float32), np.asarray(start[LORA_B], np.float32)
+    return np.concatenate([a, a0], axis=-1), np.concatenate([b, -b0], axis=stack)
 
 
 def export(
@@ -151,9 +168,15 @@ def export(
     *,
     task_type: str = "CAUSAL_LM",
     base_model_name_or_path: str | None = None,
+    initial: PyTree | None = None,
 ) -> pathlib.Path:
     """Write the adapters (and `modules_to_save`) of `params` as a PEFT directory. Written to
     a temporary folder and renamed: a failure leaves nothing at `out`.
+
+    A base-changing init (PiSSA, OLoRA: `config.changes_base`) trained A and B on a residual
+    base; `initial`, the tree `jlora.init` returned (its A0, B0), is then required, and the
+    adapter is written as peft's converted plain LoRA for the original base: rank 2r,
+    ``init_lora_weights: true``, the same scale per module (see `_with_initial`).
 
     A saved input embedding that the model also uses as its output projection (a tied model,
     no `lm_head` in `params`) is written in both places with ``ensure_weight_tying``, as peft
@@ -163,14 +186,17 @@ def export(
     out = pathlib.Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new folder")
+    _check_initial(config, initial)
+    width = 1 if initial is None else 2  # rank multiplier of the conversion
+    r_all, alpha_all = width * config.r, config.alpha * (math.sqrt(width) if config.use_rslora else width)
     tensors: dict[str, np.ndarray] = {}
     ranks, alphas = {}, {}
-    for name, a, b, path in _modules(params, config, module_names):
+    for name, a, b, scale in _modules(params, config, module_names, initial):
         r = a.shape[-1]
         tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
         ranks[name] = r
-        alphas[name] = config.scale(path, r) * (math.sqrt(r) if config.use_rslora else r)
+        alphas[name] = scale * (math.sqrt(r) if config.use_rslora else r)
     if not tensors:
         raise ValueError("params hold no adapters to export")
     flat = flatten(params)
@@ -186,13 +212,13 @@ def export(
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
-        "r": config.r,
-        "lora_alpha": config.alpha,
+        "r": r_all,
+        "lora_alpha": alpha_all,
         "lora_dropout": config.dropout,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in ranks}),
         "use_rslora": config.use_rslora,
-        "rank_pattern": {re_exact(n): r for n, r in ranks.items() if r != config.r},
-        "alpha_pattern": {re_exact(n): a for n, a in alphas.items() if not math.isclose(a, config.alpha)},
+        "rank_pattern": {re_exact(n): r for n, r in ranks.items() if r != r_all},
+        "alpha_pattern": {re_exact(n): a for n, a in alphas.items() if not math.isclose(a, alpha_all)},
         # full names: peft wraps every module whose name ends with an entry ("norm": input_layernorm too)
         "modules_to_save": sorted({k.removeprefix(PREFIX).rsplit(".", 1)[0] for k in saved}) or None,
         "layers_to_transform": list(config.layers) if config.layers is not None else None,
@@ -207,6 +233,17 @@ def export(
         (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
         save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def _check_initial(config: LoraConfig, initial: PyTree | None) -> None:
+    if config.changes_base and initial is None:
+        raise ValueError(
+            f"export: init={config.init!r} replaced the adapted kernels by a residual, to which these adapters "
+            "belong; pass initial= (the tree jlora.init returned) to write them converted for the original base, "
+            "as peft's save_pretrained(..., path_initial_model_for_weight_conversion=...) does"
+        )
+    if initial is not None and not config.changes_base:
+        raise ValueError(f"export: initial= converts base-changing inits (PiSSA, OLoRA); init={config.init!r} is not")
 
 
 def re_exact(name: str) -> str:
@@ -462,8 +499,9 @@ def check_config(peft_config: Any, config_file: pathlib.Path) -> None:
             raise ValueError(f"{config_file}: field {field!r} must be {what}, got {peft_config[field]!r}")
     if peft_config.get("init_lora_weights", True) not in PLAIN_INITS:
         raise ValueError(
-            f"{config_file}: init_lora_weights={peft_config['init_lora_weights']!r} changes the base weights; "
-            "convert the adapter to a plain LoRA with peft (save_pretrained(..., "
+            f"{config_file}: init_lora_weights={peft_config['init_lora_weights']!r} changes the base weights: its "
+            "lora_A / lora_B apply to the residual base peft made, not to this model's weights. Convert the adapter "
+            "to a plain LoRA with peft (save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...)) first"
         )
     unknown = sorted(k for k, v in peft_config.items() if k not in SCHEMA and k not in DEFAULTS and v)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.config import LoraConfig, suffix_match
 from jlora.spec import InterleavedKernel, KernelSpec
@@ -20,7 +21,13 @@ def init(
     key: jax.Array,
     specs: Mapping[str, KernelSpec | InterleavedKernel] | None = None,
 ) -> dict:
-    """Add adapters beside every targeted kernel; the model's outputs do not change (B = 0).
+    """Add adapters beside every targeted kernel; the model's outputs do not change.
+
+    With ``init="lora"`` or ``"gaussian"``, B = 0 and the kernels are untouched. With a
+    base-changing init (``"pissa"``, ``"pissa_niter_N"``, ``"olora"``; `LoraConfig.init`)
+    A and B come from each kernel, which is replaced by the residual ``W - s·A·B`` (computed
+    in float32, cast to W's dtype): keep the returned tree, base included, and pass it as
+    `initial` to `jlora.peft.export` to write an adapter for the original base.
 
     Args:
       params: a Linen ``params`` collection or the pure dict of an NNX state.
@@ -30,7 +37,7 @@ def init(
         are not plain 2-D ``(in, out)`` matrices (DenseGeneral, Einsum, scanned layers).
 
     Returns the tree with ``lora_a: (*stack, *in, r)`` and ``lora_b: (*stack, r, *out)``
-    beside each targeted ``kernel: (*stack, *in, *out)``.
+    beside each targeted ``kernel: (*stack, *in, *out)`` (the residual, if the init changes it).
     """
     if set(params) == {"params"}:
         raise ValueError("init: got a variables dict; pass its 'params' collection: variables['params']")
@@ -56,14 +63,17 @@ def init(
                 f"init: rank {r} for {path} exceeds min(in, out) = min({fan_in}, {fan_out}); "
                 "lower r or use rank_pattern"
             )
-        a_shape, b_shape = spec.adapter_shapes(kernel.shape, r)
         module_key = jax.random.fold_in(key, zlib.crc32(path.encode()))
-        a = _init_a(module_key, a_shape, fan_in, r, config)
-        if layers is not True:  # a subset of a stacked layer axis: the rest stay A = B = 0
-            keep = jnp.zeros(kernel.shape[0], bool).at[jnp.asarray(layers, int)].set(True)
-            a = jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0)
-        flat[(*keys, LORA_A)] = a
-        flat[(*keys, LORA_B)] = jnp.zeros(b_shape, config.dtype)
+        if config.changes_base:
+            a, b, residual = _from_kernel(path, kernel, spec, r, config.scale(path, r), config, module_key)
+        else:
+            a_shape, b_shape = spec.adapter_shapes(kernel.shape, r)
+            a, b, residual = _init_a(module_key, a_shape, fan_in, r, config), jnp.zeros(b_shape, config.dtype), kernel
+        if layers is not True:  # a subset of a stacked layer axis: the rest stay A = B = 0 on their kernel
+            a, b = _on_layers(layers, a, 0), _on_layers(layers, b, 0)
+            if config.changes_base:
+                residual = _on_layers(layers, residual, kernel)
+        flat[(*keys, LORA_A)], flat[(*keys, LORA_B)], flat[(*keys, "kernel")] = a, b, residual
     return unflatten(flat)
 
 
@@ -73,6 +83,68 @@ def _init_a(key: jax.Array, shape: tuple[int, ...], fan_in: int, r: int, config:
     # peft: kaiming_uniform_(a=sqrt(5)) on A (r, in), i.e. U(-1/sqrt(in), 1/sqrt(in))
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, config.dtype, -bound, bound)
+
+
+def _on_layers(layers: list[int], new: jax.Array, old) -> jax.Array:
+    """`new` on the `layers` of the leading stacked axis, `old` on the others."""
+    keep = jnp.zeros(new.shape[0], bool).at[jnp.asarray(layers, int)].set(True)
+    return jnp.where(keep.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+
+def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
+
+
+def _t(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _orthonormal(x: jax.Array) -> jax.Array:
+    return jnp.linalg.qr(x)[0]
+
+
+def _svd_lowrank(w: jax.Array, r: int, niter: int, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(u, s, vh)`` with ``w ≈ u·diag(s)·vh`` of rank `r` by randomized SVD with `niter` subspace
+    iterations: torch.svd_lowrank(q=r) (Halko et al. 2009, Algorithm 5.1), which peft's
+    ``pissa_niter_N`` uses, batched over leading axes. Draws its own Gaussian, so it equals
+    torch's up to how far the iterations converge, not bit for bit."""
+    wide = w.shape[-2] < w.shape[-1]
+    x = _t(w) if wide else w  # work on the tall one, as torch does
+    q = _orthonormal(_mm(x, jax.random.normal(key, (*x.shape[:-2], x.shape[-1], r), x.dtype)))
+    for _ in range(niter):
+        q = _orthonormal(_mm(x, _orthonormal(_mm(_t(x), q))))
+    u, s, vh = jnp.linalg.svd(_mm(_t(q), x), full_matrices=False)
+    u = _mm(q, u)
+    return (_t(vh), s, _t(u)) if wide else (u, s, vh)
+
+
+def _from_kernel(
+    path: str, kernel, spec: KernelSpec, r: int, scale: float, config: LoraConfig, key: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(A, B, W - s·A·B)`` from the kernel W itself, as peft's ``pissa_init`` / ``olora_init``
+    (in peft's (out, in) terms: PiSSA A = sqrt(S_r / s)·Vh_r, B = U_r·sqrt(S_r / s), so that
+    s·B·A is W's best rank-r part; OLoRA W = Q·R, A = R[:r], B = Q[:, :r]), per stacked layer."""
+    if not isinstance(kernel, jax.Array | np.ndarray):
+        raise ValueError(
+            f"init: init={config.init!r} decomposes the kernel {path}, which is {type(kernel).__name__}: "
+            "initialise from the float base, then quantize the residual (as peft advises for PiSSA)"
+        )
+    stack = kernel.shape[: spec.stack]
+    w = jnp.asarray(kernel, jnp.float32).reshape(*stack, *spec.fan_in_out(kernel.shape))  # jlora's (in, out)
+    if config.init == "olora":
+        q, upper = jnp.linalg.qr(_t(w))  # peft's (out, in) weight
+        a, b = _t(upper[..., :r, :]), _t(q[..., :r])
+    else:
+        if config.init == "pissa":
+            u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+        else:
+            u, s, vh = _svd_lowrank(w, r, int(config.init.removeprefix("pissa_niter_")), key)
+        root = jnp.sqrt(s[..., :r] / scale)
+        a, b = u[..., :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :]
+    a_shape, b_shape = spec.adapter_shapes(kernel.shape, r)
+    a, b = a.astype(config.dtype), b.astype(config.dtype)
+    residual = w - scale * _mm(a.astype(jnp.float32), b.astype(jnp.float32))
+    return a.reshape(a_shape), b.reshape(b_shape), residual.reshape(kernel.shape).astype(kernel.dtype)
 
 
 def _resolve_spec(path: str, shape: tuple[int, ...], specs) -> KernelSpec:

@@ -16,7 +16,10 @@ from jlora import LoraConfig
         ({"alpha": -1.0}, "alpha must be a number > 0"),
         ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
         ({"dropout": -0.1}, "dropout must be in [0, 1)"),
-        ({"init": "pissa"}, "init must be one of ('lora', 'gaussian'), got 'pissa'"),
+        (
+            {"init": "pissa_niter"},
+            "init must be one of ('lora', 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora'), got 'pissa_niter'",
+        ),
         ({"target_modules": "q_proj("}, "target_modules: invalid regular expression 'q_proj('"),
         ({"target_modules": []}, "target_modules is empty"),
         ({"exclude_modules": "[k"}, "exclude_modules: invalid regular expression"),
