@@ -5,6 +5,10 @@
 interceptor adds the low-rank branch, contracting x with A first and then with B, so the
 kernel-sized ΔW is never built. It works inside `jax.jit` and `nn.scan` (which slices
 stacked adapters along with their kernels).
+
+A quantized kernel (`jlora.quantize`, QLoRA) is dequantized where it is used: the
+interceptor computes that layer's base output itself, the module's contraction and bias in
+its dtype, with or without adapters beside it.
 """
 
 from __future__ import annotations
@@ -12,14 +16,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import string
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import opt_einsum
 from jax import lax
 
+from jlora import quantize
 from jlora.config import LoraConfig
 from jlora.spec import ADAPTABLE, einsum_axes
 from jlora.tree import LORA_A, LORA_B, PyTree, adapted_modules, path_str
@@ -36,9 +43,84 @@ def lora_branch(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array, ein
         mid = "".join(c for c in x_sub if c not in ins) + rank
         h = jnp.einsum(f"{x_sub},{ins}{rank}->{mid}", x, a, preferred_element_type=jnp.float32)
         return jnp.einsum(f"{mid},{rank}{outs}->{out_sub}", h.astype(b.dtype), b, preferred_element_type=jnp.float32)
+    return _factored(_axes(module, x.ndim), x, a, b)
+
+
+def _axes(module: nn.Dense | nn.DenseGeneral, ndim: int) -> tuple[int, ...]:
+    """The axes of an `ndim`-D input that a Dense / DenseGeneral contracts, non-negative."""
     axes = (-1,) if isinstance(module, nn.Dense) else module.axis
-    axes = tuple(ax % x.ndim for ax in (axes if isinstance(axes, tuple | list) else (axes,)))
-    return _factored(axes, x, a, b)
+    return tuple(ax % ndim for ax in (axes if isinstance(axes, tuple | list) else (axes,)))
+
+
+class Contraction(NamedTuple):
+    """A layer's ``einsum(equation, x, W)`` in `dtype` (static: hashable)."""
+
+    equation: str  # "x,kernel->out", every axis lettered (no ellipsis)
+    dtype: str
+    precision: Any = None
+    preferred_element_type: Any = None
+
+    def __call__(self, x: jax.Array, w: jax.Array) -> jax.Array:
+        return jnp.einsum(
+            self.equation, x, w, precision=self.precision, preferred_element_type=self.preferred_element_type
+        )
+
+
+def _equation(module: nn.Module, x: jax.Array, kernel_shape: tuple[int, ...], einsum_str: str | None) -> str:
+    """`module`'s contraction of `x` with its kernel as an einsum with every axis lettered."""
+    if isinstance(module, nn.Einsum):
+        operands = (einsum_str or module.einsum_str, x, jax.ShapeDtypeStruct(kernel_shape, x.dtype))
+        inputs, out, _ = opt_einsum.parser.parse_einsum_input(operands)  # ellipses lettered
+        return f"{inputs}->{out}"
+    axes = _axes(module, x.ndim)
+    x_sub = string.ascii_letters[: x.ndim]
+    outs = string.ascii_letters[x.ndim : x.ndim + len(kernel_shape) - len(axes)]
+    kept = "".join(c for i, c in enumerate(x_sub) if i not in axes)
+    return f"{x_sub},{''.join(x_sub[i] for i in axes)}{outs}->{kept}{outs}"
+
+
+def quantized_base(module: nn.Module, x: jax.Array, kernel: quantize.Quantized, einsum_str: str | None = None):
+    """What the Dense / DenseGeneral / Einsum `module` computes from `x` with its quantized
+    `kernel`: the same contraction plus its bias, in the dtype the module computes in."""
+    kernel = quantize.unstacked(kernel)  # as nn.scan sliced it
+    bias = module.get_variable("params", "bias")
+    dtype = module.dtype or jnp.result_type(*(t.dtype for t in (x, bias) if t is not None), kernel.dtype)
+    x, bias = nn.dtypes.promote_dtype(x, bias, dtype=dtype)
+    equation = _equation(module, x, kernel.shape, einsum_str)
+    y = _frozen(
+        Contraction(equation, jnp.dtype(dtype).name, module.precision, getattr(module, "preferred_element_type", None)),
+        x,
+        kernel,
+    )
+    if bias is None:
+        return y
+    k_sub, out_sub = equation.split(",")[1].split("->")
+    return y + jnp.reshape(bias, [n if c in k_sub else 1 for c, n in zip(out_sub, y.shape, strict=True)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _frozen(contraction: Contraction, x: jax.Array, kernel: quantize.Quantized) -> jax.Array:
+    """`contraction` of `x` with the quantized `kernel`, dequantized for it.
+
+    Its backward pass keeps the quantized kernel alone (no x: the frozen kernel gets no
+    gradient) and dequantizes it again for x's gradient, as QLoRA does, so no dequantized
+    copy of any weight lives from the forward pass to the backward one."""
+    return contraction(x, quantize.dequantize(kernel, contraction.dtype))
+
+
+def _frozen_fwd(contraction, x, kernel):
+    return _frozen(contraction, x, kernel), kernel
+
+
+def _frozen_bwd(contraction, kernel, g):
+    x_sub, rest = contraction.equation.split(",")
+    k_sub, out_sub = rest.split("->")
+    w = quantize.dequantize(kernel, contraction.dtype)
+    dx = jnp.einsum(f"{out_sub},{k_sub}->{x_sub}", g.astype(contraction.dtype), w, precision=contraction.precision)
+    return dx, None
+
+
+_frozen.defvjp(_frozen_fwd, _frozen_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -95,21 +177,26 @@ Branch = Callable[[nn.Module, jax.Array, jax.Array, jax.Array, str | None], jax.
 @contextlib.contextmanager
 def adding(branch: Branch) -> Iterator[set[str]]:
     """Within this context, every Dense / DenseGeneral / Einsum call whose scope holds
-    adapters returns ``y + branch(module, x, lora_a, lora_b, einsum_str)``. Yields the set
-    of module paths reached, filled as the model runs."""
+    adapters returns ``y + branch(module, x, lora_a, lora_b, einsum_str)``, `y` computed
+    by `quantized_base` where the kernel is quantized. Yields the set of module paths
+    reached, filled as the model runs."""
     applied: set[str] = set()
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if (
-            context.method_name != "__call__"
-            or not isinstance(module, ADAPTABLE)
-            or not module.has_variable("params", LORA_A)
-        ):
+        if context.method_name != "__call__" or not isinstance(module, ADAPTABLE):
             return next_fun(*args, **kwargs)
-        y = next_fun(*args, **kwargs)
+        kernel, adapted = module.get_variable("params", "kernel"), module.has_variable("params", LORA_A)
+        if not (adapted or quantize.is_quantized(kernel)):
+            return next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
         einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+        if quantize.is_quantized(kernel):
+            y = quantized_base(module, x, kernel, einsum_str)
+        else:
+            y = next_fun(*args, **kwargs)
+        if not adapted:
+            return y
         a, b = module.get_variable("params", LORA_A), module.get_variable("params", LORA_B)
         applied.add("/".join(module.path))
         return y + branch(module, x, a, b, einsum_str).astype(y.dtype)

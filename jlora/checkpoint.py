@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.config import LoraConfig
-from jlora.tree import PyTree, flatten, path_str
+from jlora.tree import PyTree, flatten, is_leaf, path_str
 
 ITEMS = ("adapters", "opt_state", "meta")
 UNFINISHED = "*.orbax-checkpoint-tmp*"  # Orbax's name for a step folder still being written
@@ -64,16 +64,18 @@ _digests = jax.jit(lambda tree: jax.tree.map(_digest, tree))
 def fingerprint(base: PyTree) -> dict[str, Any]:
     """What adapters were trained against: every base leaf's shape and dtype, and a content
     hash of all of them (one pass over the base on its devices; nothing is copied to host
-    but 8 bytes a leaf)."""
+    but 8 bytes an array). A quantized kernel is described by its format and original
+    dtype (``NF4(float32)``) and hashed over its arrays."""
     flat = flatten(base)
     digests = flatten(jax.device_get(_digests(base)))
     content = hashlib.sha256()
     leaves = {}
     for keys in sorted(flat, key=path_str):
         leaf = flat[keys]
-        leaves[path_str(keys)] = [list(leaf.shape), str(leaf.dtype)]
-        content.update(f"{path_str(keys)}:{leaf.shape}:{leaf.dtype}:".encode())
-        content.update(np.asarray(digests[keys]).tobytes())
+        dtype = f"{type(leaf).__name__}({leaf.dtype})" if is_leaf(leaf) else str(leaf.dtype)
+        leaves[path_str(keys)] = [list(leaf.shape), dtype]
+        content.update(f"{path_str(keys)}:{leaf.shape}:{dtype}:".encode())
+        content.update(np.asarray(jax.tree.leaves(digests[keys])).tobytes())
     return {"leaves": leaves, "hash": content.hexdigest()}
 
 

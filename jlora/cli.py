@@ -105,6 +105,12 @@ TRAIN_FLAGS = {
     "--label-column": ("data", "label_column", str, "label column for the classification task"),
     "--seq-len": ("data", "seq_len", int, "tokens per sequence (default 64)"),
     "--eval-size": ("data", "eval_size", int, "held-out rows (default min(1000, 10%% of the rows))"),
+    "--packing": (
+        "data",
+        "packing",
+        "bool",
+        "pack completion / chat training examples several to a row (default: when that saves rows)",
+    ),
     "--targets": ("lora", "target_modules", "list", "modules to adapt, e.g. q_proj k_proj v_proj o_proj"),
     "--rank": ("lora", "r", int, "LoRA rank (default 8)"),
     "--alpha": ("lora", "alpha", float, "LoRA alpha (default 16)"),
@@ -117,6 +123,13 @@ TRAIN_FLAGS = {
     "--warmup": ("train", "warmup_steps", int, "warmup steps (default 10)"),
     "--weight-decay": ("train", "weight_decay", float, "AdamW weight decay (default 0)"),
     "--dtype": ("train", "dtype", str, "compute dtype: float32 or bfloat16 (parameters stay float32)"),
+    "--quantize": (
+        "train",
+        "quantize",
+        str,
+        "store the frozen base's kernels in nf4, int8 or bf16 and train the adapters over it (QLoRA; default: as "
+        "loaded); eval, generate and merge of the run quantize it the same way",
+    ),
     "--remat": ("train", "remat", "flag", "recompute each layer in the backward pass: less memory, ~1/3 more time"),
     "--seed": ("train", "seed", int, "seed for adapters, shuffling and dropout"),
     "--epochs": ("train", "epochs", float, "passes over the training rows, instead of --steps"),
@@ -134,6 +147,8 @@ def _add_flag(parser: argparse.ArgumentParser, flag: str, kind, text: str) -> No
         parser.add_argument(flag, action="store_const", const=True, help=text)
     elif kind == "ints":
         parser.add_argument(flag, nargs="+", type=int, help=text)
+    elif kind == "bool":
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
     else:
         parser.add_argument(flag, type=kind, help=text)
 
@@ -319,8 +334,9 @@ def check_out(out: pathlib.Path, run: Run, overwrite: bool) -> bool:
     previous = out / RUN_FILE
     if previous.exists():
         old, new = _read_json(previous), json.loads(json.dumps(run.to_dict()))
-        if new["data"]["task"] == "auto":  # resolved from the data once read; the old run's has been
-            new["data"]["task"] = old.get("data", {}).get("task")
+        for field, unresolved in (("task", "auto"), ("packing", None)):  # resolved from the data once read
+            if new["data"][field] == unresolved:
+                new["data"][field] = old.get("data", {}).get(field)
         differs = sorted(k for k in new if old.get(k) != new[k])
         same = f"this run already (--resume {out} continues it)"
         what = f"a different run (differing: {', '.join(differs)})" if differs else same
@@ -415,8 +431,9 @@ def load_model(run: Run, labels: int | None = None):
 
 def load_inputs(run: Run, mesh=None):
     """(run, pretrained, train, held-out), validating as early as possible: data, held-out
-    size, model, sequence length, batch and mesh; the run's data task made concrete
-    (``auto``: chat for conversations) and its steps (from ``epochs``). Writes nothing."""
+    size, model, sequence length, batch and mesh; the run's data task and packing made
+    concrete (``auto``: chat for conversations; packed where it saves rows) and its steps
+    (from ``epochs``, over the packed rows). Writes nothing."""
     from jlora import data
     from jlora import train as training
 
@@ -426,6 +443,8 @@ def load_inputs(run: Run, mesh=None):
     data.held_out_rows(table, run.data)  # more held out than there are rows
     pretrained = load_model(run, _labels(run, table))  # unknown presets, files that are not models
     train, held_out = data.prepare(run.data, pretrained.tokenizer)  # seq_len too small
+    train = data.packed_for_training(run.data, train, run.train.batch_size * run.train.grad_accum)
+    run = dataclasses.replace(run, data=dataclasses.replace(run.data, packing="segment_ids" in train.arrays))
     data.check_batch(train, run.train.batch_size * run.train.grad_accum)
     run = dataclasses.replace(run, train=training.with_epochs(run.train, len(train)))
     if mesh is not None:
@@ -446,7 +465,17 @@ def prepare(run: Run, mesh=None):
 
     run, pretrained, train, held_out = load_inputs(run, mesh)
     params = jlora.init(pretrained.params, run.lora, jax.random.key(run.train.seed), specs=pretrained.kernel_specs())
-    return run, pretrained, params, train, held_out
+    return run, pretrained, quantized(run, pretrained, params), train, held_out
+
+
+def quantized(run: Run, pretrained, params):
+    """`params` with the frozen kernels quantized as the run says (`train.quantize`, QLoRA:
+    `jlora.quantize.quantize_model`), adapters and trainable modules untouched."""
+    if run.train.quantize is None:
+        return params
+    from jlora.quantize import quantize_model
+
+    return quantize_model(params, run.train.quantize, pretrained.kernel_specs(), run.lora)
 
 
 def prepare_from_adapter(run: Run, source: str, given_lora: dict, mesh=None):
@@ -470,10 +499,13 @@ def prepare_from_adapter(run: Run, source: str, given_lora: dict, mesh=None):
         )
     lora = dataclasses.replace(lora, dropout=given_lora.get("dropout", run.lora.dropout))
     adapters, _ = jlora.split(params, lora)
+    run = dataclasses.replace(run, lora=lora)
+    _, base = jlora.split(quantized(run, pretrained, pretrained.params), lora)  # this run's, not the source's
+    params = jlora.join(adapters, base)
     origin = {"path": str(pathlib.Path(source).absolute()), "hash": fingerprint(adapters)["hash"]}
     if run.init_adapter is not None and run.init_adapter["hash"] != origin["hash"]:
         raise ValueError(f"{source}: the adapter changed since this run started from it (its content hash differs)")
-    return dataclasses.replace(run, lora=lora, init_adapter=origin), pretrained, params, train, held_out
+    return dataclasses.replace(run, init_adapter=origin), pretrained, params, train, held_out
 
 
 def _same_setting(lora, other, field: str) -> bool:
@@ -561,19 +593,25 @@ def train_run(run: Run, out: pathlib.Path, pretrained, params, train_split, held
     import jax
 
     import jlora
+    from jlora import data
     from jlora import train as training
     from jlora.checkpoint import Checkpoints
 
     summary = jlora.summary(params, run.lora)
     print(f"model {run.model}: {summary.total:,} parameters, {summary.trainable:,} trainable ({summary.percent:.2f}%)")
     print(f"data: {len(train_split):,} training rows, {len(held_out):,} held out; seq_len {run.data.seq_len}")
+    use = data.token_use(train_split)
+    print(
+        f"packing {'on' if use['packed'] else 'off'}: {use['examples']:,} examples in {use['rows']:,} rows; real "
+        f"tokens {use['fill_before']:.1%} of the row tokens one example per row, {use['fill_after']:.1%} as trained"
+    )
     writer = jax.process_index() == 0  # files are written once; checkpoints by every process
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2))
     metrics_file = out / "metrics.jsonl"
     adapters, base = jlora.split(params, run.lora)
-    task = training.task_for(pretrained, run.lora, train_split)
+    task = training.task_for(pretrained, run.lora, train_split, held_out)
     eval_step = training.make_eval_step(task)
     evals = {r["eval"]: r for r in training.read_metrics(metrics_file) if "eval" in r}  # kept by a resumed run
     if "before" not in evals:
@@ -616,6 +654,7 @@ def train_run(run: Run, out: pathlib.Path, pretrained, params, train_split, held
         "adapter_bytes": adapter_bytes,  # what export and serving need
         "checkpoint_bytes": checkpoint_bytes,  # with the optimizer state, to resume
         "base_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(base)),
+        "packing": use,  # examples, rows, real tokens / row tokens before and after packing
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     base_mb = result["base_bytes"] / 1e6
@@ -705,7 +744,7 @@ def cmd_eval(args) -> int:
         pretrained = load_model(run)
         params = pretrained.params
         train_split, held_out = data.prepare(run.data, pretrained.tokenizer)
-    task = training.task_for(pretrained, run.lora, train_split)
+    task = training.task_for(pretrained, run.lora, train_split, held_out)
     result = training.evaluate(
         training.make_eval_step(task), params, held_out, run.train.eval_batch_size, not args.quiet
     )
@@ -743,7 +782,8 @@ def cmd_generate(args) -> int:
     params, adapter_ids = pretrained.params, None
     if paths:
         stacked = multi.stack([load_adapters(path, pretrained) for path in paths])
-        params, adapter_ids = jlora.join(stacked, pretrained.params), jnp.asarray([i for i, _ in rows], jnp.int32)
+        base = quantized(run, pretrained, pretrained.params)  # the first run's
+        params, adapter_ids = jlora.join(stacked, base), jnp.asarray([i for i, _ in rows], jnp.int32)
     tokens = jlora.models.generate(
         pretrained.model,
         params,
@@ -768,6 +808,8 @@ def _run_of(folder: str | pathlib.Path) -> Run:
     settings = _read_json(path)
     if not isinstance(settings, dict) or set(settings) - {f.name for f in dataclasses.fields(Run)}:
         raise ValueError(f"{path} is not a jlora run file (a JSON object of model, scan, data, lora, train)")
+    if isinstance(settings.get("data"), dict):
+        settings["data"].setdefault("packing", False)  # a run recorded before packing existed did not pack
     return Run(**settings)
 
 
@@ -842,7 +884,7 @@ def load_adapters(path: str, pretrained):
     if (folder / RUN_FILE).exists():
         run = _run_of(path)
         params = jlora.init(pretrained.params, run.lora, jax.random.key(0), specs=pretrained.kernel_specs())
-        return restore_adapters(folder, run, params), run.lora
+        return restore_adapters(folder, run, quantized(run, pretrained, params)), run.lora
     if (folder / "adapter_config.json").exists():
         return jlora.peft.load(folder, pretrained.params, hf_module_name)
     raise FileNotFoundError(f"{folder} is neither a jlora run folder ({RUN_FILE}) nor a PEFT directory")

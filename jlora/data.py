@@ -15,6 +15,10 @@ Built on `datasets` (csv / tsv / json / jsonl / text / parquet, no hub access). 
 The task ``auto`` (the default) is ``chat`` for JSON rows that are conversations and
 ``completion`` otherwise.
 
+Completion and chat examples can be packed several to a row (`pack`): segment ids keep
+attention and predictions within each example and positions restart at each, so every
+example scores as it would alone, with less compute spent on padding.
+
 `Batches` maps a step number to its batch with no hidden state, so a resumed run sees
 exactly the data an uninterrupted run would.
 """
@@ -25,7 +29,7 @@ import dataclasses
 import json
 import pathlib
 import string
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,6 +47,7 @@ BUILDERS = {
     "parquet": ("parquet", {}),
 }
 TASKS = ("auto", "completion", "text", "classification", "chat")
+PACKABLE = ("completion", "chat")  # one example per row; text rows are packed text already
 ROTTEN_TOMATOES = "rotten-tomatoes"
 
 
@@ -60,6 +65,7 @@ class DataConfig:
     seq_len: int = 64
     eval_size: int | None = None  # held-out rows; None: min(1000, 10% of the rows)
     seed: int = 0
+    packing: bool | None = None  # training examples several to a row (`packed_for_training`); None: where it helps
 
     def __post_init__(self):
         if self.format is not None and self.format not in BUILDERS:
@@ -70,6 +76,11 @@ class DataConfig:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
         if self.eval_size is not None and self.eval_size < 1:
             raise ValueError(f"eval_size must be at least 1, got {self.eval_size}")
+        if self.packing and self.task not in (*PACKABLE, "auto"):
+            raise ValueError(
+                f"--packing (data.packing) packs examples of the {' and '.join(PACKABLE)} tasks; the {self.task} "
+                "task's rows cannot be packed: drop it"
+            )
         object.__setattr__(self, "files", tuple(self.files))
 
 
@@ -310,14 +321,90 @@ def prepare(config: DataConfig, tokenizer) -> tuple[Split, Split]:
     return train, held_out
 
 
+# -- packing -------------------------------------------------------------------------------------
+
+
+def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """The indices of the items in each bin, in order: each item (of length <= `capacity`)
+    goes to the first bin with room for it. A max-tree over the bins' free room finds that
+    bin in O(log n), so packing a large data set stays fast."""
+    size = 1 << max(len(lengths) - 1, 0).bit_length()  # leaves: at least one bin per item
+    room = [capacity] * (2 * size)  # room[size + b]: bin b's free room; above: the max of both children
+    bins: list[list[int]] = []
+    for item, length in enumerate(lengths):
+        node = 1
+        while node < size:
+            node = 2 * node + (room[2 * node] < length)
+        if node - size == len(bins):  # the first empty bin: the used ones come first
+            bins.append([])
+        bins[node - size].append(item)
+        room[node] -= length
+        while node > 1:
+            node //= 2
+            room[node] = max(room[2 * node], room[2 * node + 1])
+    return bins
+
+
+def pack(split: Split) -> Split:
+    """`split`'s examples (each row's real tokens, as encoded: truncated to seq_len) packed
+    first-fit, in order, into rows of seq_len: `segment_ids` number a row's examples from 1
+    (0: padding, at the right, token id 0), `positions` restart at 0 in each, `loss_mask`
+    is each example's own. Deterministic, and no token is lost. Per-row arrays (a
+    completion's answer and choice) do not survive: score accuracy on unpacked rows."""
+    ids, real, loss = split.arrays["input_ids"], split.arrays["attention_mask"].astype(bool), split.arrays["loss_mask"]
+    lengths = real.sum(1)
+    bins = first_fit(lengths.tolist(), ids.shape[1])
+    names = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")
+    arrays = {name: np.zeros((len(bins), ids.shape[1]), np.int32) for name in names}
+    for row, examples in enumerate(bins):
+        start = 0
+        for segment, example in enumerate(examples, 1):
+            cols = slice(start, start + lengths[example])
+            arrays["input_ids"][row, cols] = ids[example, real[example]]
+            arrays["loss_mask"][row, cols] = loss[example, real[example]]
+            arrays["segment_ids"][row, cols] = segment
+            arrays["positions"][row, cols] = np.arange(lengths[example])
+            start = cols.stop
+    arrays["attention_mask"] = (arrays["segment_ids"] > 0).astype(np.int32)
+    return Split(arrays, split.choices, split.labels)
+
+
+def packed_for_training(config: DataConfig, split: Split, batch_size: int) -> Split:
+    """The training split as `config.packing` says: True packs it, False does not, None
+    (the default) packs the completion and chat tasks' rows when that makes fewer rows that
+    still fill a batch of `batch_size` (else packing saves nothing, or breaks the run)."""
+    if config.packing is False or config.task not in PACKABLE:
+        return split
+    packed = pack(split)
+    return packed if config.packing or batch_size <= len(packed) < len(split) else split
+
+
+def token_use(split: Split) -> dict[str, Any]:
+    """Whether `split` is packed, its examples and rows, and its real tokens / all row
+    tokens with one example per row (``fill_before``) and as the rows are (``fill_after``):
+    the padding that packing saved."""
+    rows, seq_len = split.arrays["input_ids"].shape
+    packed = "segment_ids" in split.arrays
+    examples = int(split.arrays["segment_ids"].max(1).sum()) if packed else rows
+    real = int(split.arrays["attention_mask"].sum())
+    return {
+        "packed": packed,
+        "examples": examples,
+        "rows": rows,
+        "fill_before": real / (examples * seq_len),
+        "fill_after": real / (rows * seq_len),
+    }
+
+
 # -- batching ------------------------------------------------------------------------------------
 
 
 def check_batch(split: Split, batch_size: int) -> None:
     """Refuse a batch (sequences per step, micro-batches included) larger than the data."""
     if len(split) < batch_size:
+        packed = " (packed; --no-packing keeps one example per row)" if "segment_ids" in split.arrays else ""
         raise ValueError(
-            f"{len(split)} training rows are fewer than one batch of {batch_size} (batch size x grad accum); "
+            f"{len(split)} training rows{packed} are fewer than one batch of {batch_size} (batch size x grad accum); "
             "lower --batch-size / --grad-accum or add data"
         )
 

@@ -20,7 +20,7 @@ each index has its own adapters). Axes may interleave, e.g. the ``NDH`` kernel o
 ``einsum('BTD,NDH->BTNH')`` is ``"oio"``. The adapters of a weight of shape ``W`` are
 ``A: (*W[s], *W[i], r)`` and ``B: (*W[s], r, *W[o])``, each group in the weight's order.
 
-Naming rule (`adapter_names`): adapters live beside their weight in the same dict; a
+Naming rule (`jlora.tree.adapter_names`): adapters live beside their weight in the same dict; a
 weight named ``kernel`` has siblings ``lora_a`` / ``lora_b`` (jlora's rule for Linen and
 NNX layers), any other weight ``n`` has ``n_lora_a`` / ``n_lora_b``. Config targets match
 the weight's module path (``layers/q_proj`` for ``layers/q_proj/kernel``) or its own
@@ -45,25 +45,12 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var
 from jlora.apply import _factored
 from jlora.config import LoraConfig
 from jlora.transform import _init_a
-from jlora.tree import LORA_A, LORA_B, Keys, PyTree, flatten, path_str, unflatten
+from jlora.tree import Keys, PyTree, adapter_names, flatten, is_adapter, path_str, unflatten
 
 Roles = str  # one of "s", "i", "o" per weight axis
 
 
 # -- naming ----------------------------------------------------------------------------
-
-
-def adapter_names(name: str) -> tuple[str, str]:
-    """The sibling names of a weight's adapters: ``kernel -> (lora_a, lora_b)``,
-    ``w -> (w_lora_a, w_lora_b)``."""
-    if not isinstance(name, str):
-        raise ValueError(f"a LoRA target must be a dict entry with a string key, not a leaf at index {name!r}")
-    return (LORA_A, LORA_B) if name == "kernel" else (f"{name}_{LORA_A}", f"{name}_{LORA_B}")
-
-
-def is_adapter(name: Any) -> bool:
-    """Whether a leaf named `name` is an adapter under `adapter_names`' rule."""
-    return isinstance(name, str) and (name in (LORA_A, LORA_B) or name.endswith((f"_{LORA_A}", f"_{LORA_B}")))
 
 
 def config_path(keys: Keys, config: LoraConfig) -> str | None:

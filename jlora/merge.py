@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.config import LoraConfig
+from jlora.quantize import dequantize_tree
 from jlora.spec import adapter_spec
 from jlora.tree import LORA_A, LORA_B, PyTree, adapted_modules, flatten, join, path_str, unflatten
 
@@ -31,8 +32,10 @@ def _fold(params: PyTree, config: LoraConfig, sign: float) -> dict:
 
 def merge(params: PyTree, config: LoraConfig) -> dict:
     """A plain tree (no LoRA leaves) with ``W + s · A · B``, computed in float32 and cast
-    once to W's dtype; the unmodified model consumes it at the base model's speed."""
-    return unflatten({k: v for k, v in _fold(params, config, 1.0).items() if k[-1] not in (LORA_A, LORA_B)})
+    once to W's dtype; the unmodified model consumes it at the base model's speed.
+    Quantized kernels are dequantized first (to their original dtype): the result holds none."""
+    folded = _fold(dequantize_tree(params), config, 1.0)
+    return unflatten({k: v for k, v in folded.items() if k[-1] not in (LORA_A, LORA_B)})
 
 
 def unmerge(merged: PyTree, adapters: PyTree, config: LoraConfig) -> dict:

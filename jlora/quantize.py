@@ -34,6 +34,7 @@ Reproducing bitsandbytes 0.50 (CPU) bit for bit:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -45,8 +46,9 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
+from jlora.config import LoraConfig
 from jlora.spec import KernelSpec, adapter_spec
-from jlora.tree import LORA_A, LORA_B, Keys, PyTree, flatten, path_str, unflatten
+from jlora.tree import LORA_A, LORA_B, Keys, Leaf, PyTree, flatten, is_trainable, path_str, unflatten
 
 FORMATS = ("nf4", "int8", "bf16")
 NF4_BLOCK, STATS_BLOCK = 64, 256
@@ -96,7 +98,7 @@ _TORCH_LANES = 8  # float32 lanes of torch's CPU sum (AVX2)
 
 
 @struct.dataclass
-class NF4:
+class NF4(Leaf):
     """A kernel in NF4: `codes` uint8 (two codes a byte), `absmax` per block (float32, or
     uint8 codes of ``absmax - offset`` with double quantization, scaled by `absmax2` per 256
     of them). Array shapes as the module docstring says; static fields are aux data."""
@@ -112,7 +114,7 @@ class NF4:
 
 
 @struct.dataclass
-class Int8:
+class Int8(Leaf):
     """A kernel in symmetric int8: `codes` int8 and `absmax` float32 per block along the
     input axis (per output channel when the block is the whole row)."""
 
@@ -129,6 +131,16 @@ Quantized = NF4 | Int8
 
 def is_quantized(x: Any) -> bool:
     return isinstance(x, NF4 | Int8)
+
+
+def unstacked(leaf: Quantized) -> Quantized:
+    """`leaf` with its static shape and layout fitted to its arrays: `nn.scan` slices the
+    arrays' stacked leading axes, but the aux data it carries along still describe the stack."""
+    dropped = leaf.layout.stack - (leaf.codes.ndim - 2)
+    if dropped == 0:
+        return leaf
+    layout = dataclasses.replace(leaf.layout, stack=leaf.layout.stack - dropped)
+    return leaf.replace(shape=leaf.shape[dropped:], layout=layout)
 
 
 # -- layout: kernel <-> rows of blocks ------------------------------------------------------
@@ -376,6 +388,10 @@ def quantize_leaf(w: jax.Array, fmt: str, layout: KernelSpec | None = None, bloc
     raise ValueError(f"quantize: fmt must be one of {FORMATS}, got {fmt!r}")
 
 
+# compiled once per kernel shape (op by op, NF4's fixed-order sums dispatch thousands of ops)
+_quantize_leaf = jax.jit(quantize_leaf, static_argnums=(1, 2, 3))
+_dequantize = jax.jit(dequantize, static_argnums=(1,))
+
 # -- trees ----------------------------------------------------------------------------------
 
 DEFAULT_TARGETS = r"(?:.*/)?kernel"
@@ -422,7 +438,7 @@ def quantize(
     flat, layouts = flatten(params), layouts or {}
     return unflatten(
         {
-            keys: quantize_leaf(leaf, fmt, _layout(keys, flat, layouts), block_size)
+            keys: _quantize_leaf(leaf, fmt, _layout(keys, flat, layouts), block_size)
             if _targeted(keys, leaf, targets)
             else leaf
             for keys, leaf in flat.items()
@@ -430,9 +446,30 @@ def quantize(
     )
 
 
+def quantize_model(
+    params: PyTree,
+    fmt: str,
+    specs: Mapping[str, Any],
+    config: LoraConfig | None = None,
+    block_size: int | None = None,
+) -> dict:
+    """`quantize` of the frozen kernels that `jlora.apply` computes: those of the Dense /
+    DenseGeneral / Einsum modules in `specs` (`jlora.kernel_specs`, whose layouts quantize
+    each stacked layer on its own, as `nn.scan` slices it), but not the trainable ones of
+    `config` (`modules_to_save`). Kernels the model uses otherwise stay as they are."""
+    layouts = {path: spec for path, spec in specs.items() if isinstance(spec, KernelSpec)}
+
+    def frozen_kernel(path: str, _) -> bool:
+        module, _, name = path.rpartition("/")
+        trainable = config is not None and is_trainable(tuple(path.split("/")), config)
+        return name == "kernel" and module in layouts and not trainable
+
+    return quantize(params, fmt, frozen_kernel, block_size, layouts)
+
+
 def dequantize_tree(params: PyTree, dtype: Any = None) -> PyTree:
     """`params` with every quantized leaf dequantized (in `dtype`, default its own)."""
-    return jax.tree.map(lambda x: dequantize(x, dtype) if is_quantized(x) else x, params, is_leaf=is_quantized)
+    return jax.tree.map(lambda x: _dequantize(x, dtype) if is_quantized(x) else x, params, is_leaf=is_quantized)
 
 
 def nbytes(tree: PyTree) -> int:

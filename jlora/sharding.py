@@ -10,7 +10,8 @@ axes do not divide is replicated instead.
 Adapters follow their kernel: for a kernel ``(*stack, *in, *out)`` sharded
 ``P(*s, *i, *o)``, ``lora_a (*stack, *in, r)`` gets ``P(*s, *i, None)`` and
 ``lora_b (*stack, r, *out)`` gets ``P(*s, None, *o)``: the rank axis is replicated, and
-x·A·B needs no more communication than x·W.
+x·A·B needs no more communication than x·W. A quantized kernel's arrays split as its
+kernel would (`jlora.quantize.partition_specs`), and its adapters follow the kernel's spec.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jlora import quantize
 from jlora.spec import adapter_spec
 from jlora.tree import LORA_A, LORA_B, PyTree, flatten, path_str, unflatten
 
@@ -117,14 +119,14 @@ def partition_specs(
 ) -> PyTree:
     """Mesh `PartitionSpec`s for `params` (arrays or shapes) from their logical `specs` (a
     tree over the same paths, e.g. `logical_specs`; leaves missing from it are replicated),
-    for a mesh of `axis_sizes` (``mesh.shape``; no devices needed)."""
+    for a mesh of `axis_sizes` (``mesh.shape``; no devices needed). A quantized leaf gets a
+    spec per array, `jlora.quantize.partition_specs` of its kernel's."""
     flat_specs = flatten(specs) if specs is not None else {}
-    return unflatten(
-        {
-            keys: _resolve(flat_specs.get(keys, P()), leaf.shape, axis_sizes, rules)
-            for keys, leaf in flatten(params).items()
-        }
-    )
+    out = {}
+    for keys, leaf in flatten(params).items():
+        spec = _resolve(flat_specs.get(keys, P()), leaf.shape, axis_sizes, rules)
+        out[keys] = quantize.partition_specs(leaf, spec, axis_sizes) if quantize.is_quantized(leaf) else spec
+    return unflatten(out)
 
 
 def param_shardings(params: PyTree, specs: PyTree, mesh: Mesh, rules: Sequence[tuple[str, Any]] = RULES) -> PyTree:
@@ -139,7 +141,9 @@ def param_shardings(params: PyTree, specs: PyTree, mesh: Mesh, rules: Sequence[t
 def adapter_specs(params: PyTree, specs: PyTree) -> PyTree:
     """`PartitionSpec`s for every leaf of an adapted tree `params`: each `lora_a` / `lora_b`
     takes its kernel's, as the module docstring says (N-D and stacked kernels too); every
-    other leaf keeps its own from `specs` (a tree over the base parameters' paths)."""
+    other leaf keeps its own from `specs` (a tree over the base parameters' paths). Kernels
+    are read unquantized: for a quantized tree, pass the shapes it stands for
+    (``jax.eval_shape(jlora.quantize.dequantize_tree, params)``) and their specs."""
     flat, given = flatten(params), flatten(specs)
     out = {}
     for keys in flat:

@@ -30,6 +30,7 @@ import jlora
 from jlora import sharding
 from jlora.checkpoint import Checkpoints, fingerprint
 from jlora.data import Batches, Split, eval_batches
+from jlora.quantize import FORMATS, dequantize_tree
 
 Batch = dict[str, jax.Array]
 
@@ -54,6 +55,7 @@ class TrainConfig:
     schedule: str = "cosine"  # after the warmup: "cosine" or "linear" decay to zero, or "constant"
     eval_every: int | None = None  # steps between held-out evaluations during training
     epochs: float | None = None  # passes over the data; sets `steps` once the data is known (`with_epochs`)
+    quantize: str | None = None  # frozen kernels stored in "nf4", "int8" or "bf16" (QLoRA, `jlora.quantize`)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "checkpoint_every", "keep_checkpoints"):
@@ -67,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"eval_every must be at least 1, got {self.eval_every}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.quantize is not None and self.quantize not in FORMATS:
+            raise ValueError(f"quantize must be one of {', '.join(FORMATS)} (or unset), got {self.quantize!r}")
 
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -113,13 +117,20 @@ def positions_of(mask: jax.Array) -> jax.Array:
 
 
 def causal_lm_outputs(model: nn.Module, params, lora, batch: Batch, tail: int, rngs=None, deterministic=True):
-    """(per-token loss sums, token count, logits of the last `tail` positions)."""
+    """(per-token loss sums, token count, logits of the last `tail` positions). A packed
+    batch (`segment_ids` and `positions`, `jlora.data.pack`) is scored at every position,
+    each example alone: attention and predictions stay within it."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    packed = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
+    tail = ids.shape[1] if packed else min(tail, ids.shape[1])  # eval batches may be cropped shorter
+    positions = batch["positions"] if packed else positions_of(mask)
     logits = jlora.apply(
-        model, params, lora, ids, mask, positions_of(mask), logits_last=tail, rngs=rngs, deterministic=deterministic
+        model, params, lora, ids, mask, positions, logits_last=tail, rngs=rngs, deterministic=deterministic, **packed
     )
     targets = ids[:, -tail + 1 :] if tail > 1 else ids[:, :0]
     weights = batch["loss_mask"][:, -tail + 1 :].astype(jnp.float32)
+    if packed:  # an example's first token is not predicted from the example before it
+        weights = weights * (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1])
     if "weight" in batch:  # padding rows of the last eval batch
         weights = weights * batch["weight"][:, None]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
@@ -163,13 +174,17 @@ class Task:
         return ((scores.argmax(-1) == batch["choice"]) * weight).sum()
 
 
-def task_for(pretrained, lora: jlora.LoraConfig, train: Split) -> Task:
+def task_for(pretrained, lora: jlora.LoraConfig, train: Split, held_out: Split | None = None) -> Task:
+    """How `pretrained` scores `train`'s task. A causal task's `tail` covers the loss
+    positions of `train`'s rows, or of `held_out`'s when `train` is packed (packed batches
+    are scored at every position; the tail keeps evaluating unpacked rows cheap)."""
     if "label" in train.arrays:
         return Task(pretrained.model, lora, "classifier")
-    loss_columns = np.flatnonzero(train.arrays["loss_mask"].any(0))
-    tail = train.arrays["input_ids"].shape[1] - int(loss_columns[0]) + 1
+    rows = held_out if held_out is not None and "segment_ids" in train.arrays else train
+    seq_len = rows.arrays["input_ids"].shape[1]
+    tail = seq_len - int(np.flatnonzero(rows.arrays["loss_mask"].any(0))[0]) + 1
     choices = tuple(int(c) for c in train.choices) if train.choices is not None else ()
-    return Task(pretrained.model, lora, "causal", tail=min(tail, train.arrays["input_ids"].shape[1]), choices=choices)
+    return Task(pretrained.model, lora, "causal", tail=min(tail, seq_len), choices=choices)
 
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -187,11 +202,15 @@ class Placement(NamedTuple):
 
     @classmethod
     def derive(cls, mesh: Mesh, model: nn.Module, params: Any, lora: jlora.LoraConfig, tx) -> Placement:
-        """The base sharded by the model's logical axis names (`jlora.sharding.RULES`),
-        adapters and optimizer state derived from their kernels'."""
+        """The base sharded by the model's logical axis names (`jlora.sharding.RULES`; a
+        quantized kernel's arrays as that kernel), adapters and optimizer state derived
+        from their kernels'."""
         specs = sharding.logical_specs(model, jax.ShapeDtypeStruct((1, 2), jnp.int32))
-        derived = sharding.adapter_shardings(params, sharding.param_shardings(params, specs, mesh))
-        adapter_tree, base_tree = jlora.split(derived, lora)
+        kernels = jax.eval_shape(dequantize_tree, params)  # what quantized leaves stand for
+        adapter_tree, _ = jlora.split(
+            sharding.adapter_shardings(kernels, sharding.param_shardings(kernels, specs, mesh)), lora
+        )
+        _, base_tree = jlora.split(sharding.param_shardings(params, specs, mesh), lora)
         adapters, _ = jlora.split(params, lora)
         return cls(
             mesh,

@@ -19,6 +19,15 @@ Keys = tuple[Any, ...]
 PyTree = Any
 
 
+class Leaf:
+    """Base of pytree nodes that jlora's tree functions keep whole, as one leaf (a quantized
+    kernel, `jlora.quantize`): its arrays stand for one parameter together."""
+
+
+def is_leaf(x: Any) -> bool:
+    return isinstance(x, Leaf)
+
+
 def path_str(keys: Keys) -> str:
     """``('layers', 0, 'q_proj') -> 'layers/0/q_proj'``."""
     return "/".join(str(k) for k in keys)
@@ -44,9 +53,9 @@ def _is_box(x) -> bool:
 
 
 def flatten(tree: PyTree) -> dict[Keys, Any]:
-    """``{(k1, k2, ...): leaf}`` for every leaf of a nested mapping."""
+    """``{(k1, k2, ...): leaf}`` for every leaf of a nested mapping (a `Leaf` node is one)."""
     _check_unboxed(tree)
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
     return {tuple(_key(e) for e in path): leaf for path, leaf in leaves}
 
 
@@ -61,9 +70,22 @@ def unflatten(flat: Mapping[Keys, Any]) -> dict:
     return out
 
 
+def adapter_names(name: str) -> tuple[str, str]:
+    """The sibling names of a weight's adapters: ``kernel -> (lora_a, lora_b)`` (Linen and
+    NNX layers), any other weight ``w -> (w_lora_a, w_lora_b)`` (`jlora.interpret`)."""
+    if not isinstance(name, str):
+        raise ValueError(f"a LoRA target must be a dict entry with a string key, not a leaf at index {name!r}")
+    return (LORA_A, LORA_B) if name == "kernel" else (f"{name}_{LORA_A}", f"{name}_{LORA_B}")
+
+
+def is_adapter(name: Any) -> bool:
+    """Whether a leaf named `name` is a LoRA factor under `adapter_names`' rule."""
+    return isinstance(name, str) and (name in (LORA_A, LORA_B) or name.endswith((f"_{LORA_A}", f"_{LORA_B}")))
+
+
 def is_trainable(keys: Keys, config: LoraConfig) -> bool:
     """A LoRA factor, or any parameter inside a `modules_to_save` module."""
-    return keys[-1] in (LORA_A, LORA_B) or any(config.saves(path_str(keys[:i])) for i in range(1, len(keys)))
+    return is_adapter(keys[-1]) or any(config.saves(path_str(keys[:i])) for i in range(1, len(keys)))
 
 
 def split(params: PyTree, config: LoraConfig) -> tuple[dict, dict]:
@@ -89,7 +111,9 @@ def labels(params: PyTree, config: LoraConfig) -> PyTree:
     """A tree like `params` of ``"trainable"`` / ``"frozen"``, for `optax.multi_transform`."""
     _check_unboxed(params)
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "trainable" if is_trainable(tuple(map(_key, path)), config) else "frozen", params
+        lambda path, _: "trainable" if is_trainable(tuple(map(_key, path)), config) else "frozen",
+        params,
+        is_leaf=is_leaf,
     )
 
 

@@ -113,6 +113,7 @@ CASES = [
     ([*TRAIN, "--out", "new", "--task", "poetry"], "data task must be one of"),
     ([*TRAIN, "--out", "new", "--dropout", "1.5"], "dropout must be in [0, 1)"),
     ([*TRAIN, "--out", "new", "--dtype", "float16"], "dtype must be 'float32' or 'bfloat16'"),
+    ([*TRAIN, "--out", "new", "--quantize", "nf3"], "quantize must be one of nf4, int8, bf16"),
     (["train", "--config", "missing.yaml", "--out", "new"], "config file missing.yaml not found"),
     (["train", "--config", "bad.yaml", "--out", "new"], "is not valid YAML"),
     (["train", "--config", "list.yaml", "--out", "new"], "must hold a mapping"),

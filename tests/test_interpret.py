@@ -38,11 +38,14 @@ def perturb(params, key, scale=0.3):
     return unflatten(flat)
 
 
-def split(params):
-    """(adapters, join): the adapter leaves, and the function that puts them back."""
-    flat = flatten(params)
-    adapters = {k: v for k, v in flat.items() if interpret.is_adapter(k[-1])}
-    return adapters, lambda new: unflatten({**flat, **new})
+def split(params, config):
+    """(adapters, join): `jlora.split`'s trainable leaves, which must be the adapters under the
+    naming rule exactly, and the function that puts them back."""
+    adapters, base = jlora.split(params, config)
+    assert set(flatten(adapters)) == {k for k in flatten(params) if interpret.is_adapter(k[-1])}
+    labels = flatten(jlora.tree.labels(params, config))
+    assert {k for k, label in labels.items() if label == "trainable"} == set(flatten(adapters))
+    return adapters, lambda new: jlora.join(new, base)
 
 
 def kernel_dots(hlo: str, shapes) -> list[str]:
@@ -74,12 +77,12 @@ def check(fn, params, args, config, *, weights=None, rtol=1e-5, factored=True, m
     np.testing.assert_allclose(out, merged, rtol=rtol, atol=rtol)
     np.testing.assert_allclose(jax.jit(wrapped)(adapted, *args), out, rtol=1e-5, atol=1e-5)
 
-    adapters, join = split(adapted)
+    adapters, join = split(adapted, config)
     probe = jax.random.normal(jax.random.key(9), jnp.shape(out))
     loss_factored = lambda ad: jnp.sum(wrapped(join(ad), *args) * probe)
     loss_merged = lambda ad: jnp.sum(fn(merge(join(ad)), *args) * probe)
-    grads, expected = jax.grad(loss_factored)(adapters), jax.grad(loss_merged)(adapters)
-    assert grads.keys() == adapters.keys()  # gradients reach the adapters only
+    grads, expected = (flatten(jax.grad(loss)(adapters)) for loss in (loss_factored, loss_merged))
+    assert grads.keys() == flatten(adapters).keys()  # gradients reach the adapters only
     for keys in grads:
         scale = float(jnp.abs(expected[keys]).max())
         np.testing.assert_allclose(grads[keys], expected[keys], atol=10 * rtol * scale, err_msg=path_str(keys))

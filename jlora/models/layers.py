@@ -78,14 +78,21 @@ def attention(
 
 
 def causal_mask(
-    query_slots: jax.Array, key_valid: jax.Array, sliding_window: int | jax.Array | None = None
+    query_slots: jax.Array,
+    key_valid: jax.Array,
+    sliding_window: int | jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """(B, T, S): key slot s is visible from query slot t if s <= t, the key is not padding,
-    and (with a window, a static or traced integer) t - s < window."""
+    (with a window, a static or traced integer) t - s < window, and (with `segment_ids`
+    (B, T), for rows packed with several examples whose keys are the queries) both are of
+    one segment: attention never crosses examples."""
     key_slots = jnp.arange(key_valid.shape[-1])
     visible = key_slots[None, None, :] <= query_slots[..., None]
     if sliding_window is not None:
         visible &= query_slots[..., None] - key_slots[None, None, :] < sliding_window
+    if segment_ids is not None:
+        visible &= segment_ids[:, :, None] == segment_ids[:, None, :]
     return visible & key_valid[:, None, :].astype(bool)
 
 

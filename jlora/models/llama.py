@@ -170,7 +170,7 @@ class LlamaAttention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, window):
+    def __call__(self, x, mask, segment_ids, cos, sin, window):
         c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype}
         q = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias, name="q_proj", **kw)
         k = dense(
@@ -184,7 +184,7 @@ class LlamaAttention(nn.Module):
             k, v, key_valid, slots = KVCache(name="cache")(k, v, mask)
         else:
             key_valid, slots = mask, jnp.arange(x.shape[1])[None]
-        h = attention(q, k, v, causal_mask(slots, key_valid, window))
+        h = attention(q, k, v, causal_mask(slots, key_valid, window, segment_ids))
         out = dense(
             c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=c.o_bias, name="o_proj", **kw
         )
@@ -212,10 +212,10 @@ class LlamaBlock(nn.Module):
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, window):
+    def __call__(self, x, mask, segment_ids, cos, sin, window):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         attn = LlamaAttention(self.config, decode=self.decode, name="self_attn", **kw)
-        x = x + attn(rms_norm(self.config, name="input_layernorm", **kw)(x), mask, cos, sin, window)
+        x = x + attn(rms_norm(self.config, name="input_layernorm", **kw)(x), mask, segment_ids, cos, sin, window)
         x = x + LlamaMLP(self.config, name="mlp", **kw)(rms_norm(self.config, name="post_attention_layernorm", **kw)(x))
         return (x, None) if self.scanned else x
 
@@ -228,7 +228,7 @@ class LlamaModel(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, positions, decode: bool):
+    def __call__(self, input_ids, attention_mask, positions, decode: bool, segment_ids=None):
         c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype}
         embed_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
         x = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=embed_init, name="embed_tokens", **kw)(input_ids)
@@ -238,7 +238,7 @@ class LlamaModel(nn.Module):
         cos, sin = (jnp.cos(angles) * scale).astype(self.dtype), (jnp.sin(angles) * scale).astype(self.dtype)
         block_kwargs = {"config": c, "decode": decode, **kw}
         windows = (jnp.asarray(c.layer_windows()),)
-        args = (x, attention_mask, cos, sin)
+        args = (x, attention_mask, segment_ids, cos, sin)
         x = run_layers(
             LlamaBlock, c.num_layers, self.scan, "layers", *args, per_layer=windows, remat=self.remat, **block_kwargs
         )
@@ -253,7 +253,9 @@ class LlamaForCausalLM(nn.Module):
     with `decode`); `decode` uses and updates the KV cache in the ``cache`` collection
     (see `jlora.models.generate`); `logits_last` > 0 computes logits for the last that many
     positions only (a training loss on completions at the end of left-padded rows needs no
-    more).
+    more); `segment_ids` (B, T), for rows packed with several examples (`jlora.data.pack`):
+    tokens attend only within their own segment (with `positions` restarting per segment,
+    each example scores as it would alone; not with `decode`).
 
     `remat` recomputes each layer in the backward pass instead of keeping its activations
     (`jlora.models.layers.run_layers`); parameters and outputs are the same.
@@ -266,7 +268,17 @@ class LlamaForCausalLM(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, decode: bool = False, logits_last: int = 0):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        decode: bool = False,
+        logits_last: int = 0,
+        segment_ids=None,
+    ):
+        if decode and segment_ids is not None:
+            raise ValueError("segment_ids are for packed training rows; decode=True takes none")
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         if positions is None:
@@ -274,7 +286,7 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError("decode=True needs explicit positions (jlora.models.generate computes them)")
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         model = LlamaModel(self.config, self.scan, self.dtype, self.param_dtype, self.remat, name="model")
-        hidden = model(input_ids, attention_mask, positions, decode)
+        hidden = model(input_ids, attention_mask, positions, decode, segment_ids)
         if logits_last:  # only the last positions' logits: the vocabulary projection is costly
             hidden = hidden[:, -logits_last:]
         if self.config.tie_word_embeddings:
