@@ -60,16 +60,16 @@ def row(name: str, config: LlamaConfig, axis_sizes: dict, local: int, seq: int, 
     ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
     base = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), ids)["params"]))
     lora = jlora.LoraConfig(r=r, alpha=2 * r, target_modules=TARGETS)
-    params = jax.eval_shape(
-        lambda p: jlora.init(p, lora, jax.random.key(0), specs=jlora.kernel_specs(model, ids)), base
+    kernel_specs = jlora.kernel_specs(model, ids)
+    params = jax.eval_shape(lambda p: jlora.init(p, lora, jax.random.key(0), specs=kernel_specs), base)
+    logical = sharding.logical_specs(model, ids)
+    adapter_specs, _ = jlora.split(
+        sharding.adapter_specs(params, sharding.partition_specs(params, logical, axis_sizes)), lora
     )
     if fmt != "bf16":  # the frozen projections and lm_head; embeddings and norms stay bf16
-        kernel_specs = jlora.kernel_specs(model, ids)
         params = jax.eval_shape(lambda p: quantize.quantize_model(p, fmt, kernel_specs, lora), params)
-    specs = sharding.partition_specs(params, sharding.logical_specs(model, ids), axis_sizes)
-    mesh_specs = sharding.adapter_specs(params, specs)
     adapters, frozen = jlora.split(params, lora)
-    adapter_specs, base_specs = jlora.split(mesh_specs, lora)
+    _, base_specs = jlora.split(sharding.partition_specs(params, logical, axis_sizes), lora)
     tokens = jax.ShapeDtypeStruct((local, seq), jnp.int32)
 
     def residuals(model) -> int:

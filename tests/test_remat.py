@@ -13,7 +13,7 @@ from jlora.models import BertConfig, BertForSequenceClassification, LlamaConfig,
 LLAMA = LlamaConfig(
     vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=4
 )
-BERT = BertConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=20, num_labels=3)
+BERT = BertConfig(vocab_size=32, hidden_size=16, num_layers=4, num_heads=2, intermediate_size=20, num_labels=3)
 IDS = jax.random.randint(jax.random.key(0), (4, 64), 1, 32)
 
 
@@ -47,7 +47,7 @@ def test_remat_keeps_loss_and_gradients_and_saves_memory(family, scan):
         lora = jlora.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], dropout=0.1)
         labels_of = lambda logits: IDS
     else:
-        model = BertForSequenceClassification(BERT, scan=scan)  # hidden dropout 0.1
+        model = BertForSequenceClassification(BERT, scan=scan)  # hidden and attention dropout 0.1
         lora = jlora.LoraConfig(r=4, target_modules=["query", "value"], dropout=0.1)
         labels_of = lambda logits: IDS[:, 0] % 3
     value, grads, kept = loss_and_grads(model, lora, labels_of)

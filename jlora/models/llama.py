@@ -170,7 +170,7 @@ class LlamaAttention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, segment_ids, cos, sin, window):
+    def __call__(self, x, mask, segment_ids, cos, sin, window=None):
         c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype}
         q = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias, name="q_proj", **kw)
         k = dense(
@@ -212,7 +212,7 @@ class LlamaBlock(nn.Module):
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, segment_ids, cos, sin, window):
+    def __call__(self, x, mask, segment_ids, cos, sin, window=None):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         attn = LlamaAttention(self.config, decode=self.decode, name="self_attn", **kw)
         x = x + attn(rms_norm(self.config, name="input_layernorm", **kw)(x), mask, segment_ids, cos, sin, window)
@@ -237,7 +237,8 @@ class LlamaModel(nn.Module):
         scale = c.rope_attention_factor
         cos, sin = (jnp.cos(angles) * scale).astype(self.dtype), (jnp.sin(angles) * scale).astype(self.dtype)
         block_kwargs = {"config": c, "decode": decode, **kw}
-        windows = (jnp.asarray(c.layer_windows()),)
+        # each layer's window, traced (a scanned stack shares one program); none without windows
+        windows = () if c.sliding_window is None else (jnp.asarray(c.layer_windows()),)
         args = (x, attention_mask, segment_ids, cos, sin)
         x = run_layers(
             LlamaBlock, c.num_layers, self.scan, "layers", *args, per_layer=windows, remat=self.remat, **block_kwargs
