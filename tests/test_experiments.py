@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-STUDIES = ("methods", "freezing", "ranks", "subspace", "decoder")
+STUDIES = ("methods", "freezing", "ranks", "subspace", "decoder", "qlora")
 
 
 @pytest.mark.parametrize("study", STUDIES)
