@@ -106,7 +106,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "memory.md"))
     args = parser.parse_args()
     lines = [
-        f"Bytes per device for LoRA r={args.rank} on all seven projections: bf16 base and compute, float32 "
+        f"Bytes per device for LoRA r={args.rank} on all seven projections: bf16 compute, the base in bf16 or nf4 "
+        "(the base column), float32 "
         f"adapters and Adam state, {args.local_batch} sequence(s) of {args.seq} tokens per data-parallel rank. "
         "From `python benchmarks/memory.py` (shapes by `jax.eval_shape`, no allocation).",
         "",
