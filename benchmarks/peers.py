@@ -118,8 +118,8 @@ def _linen(spec: dict):
     if spec["impl"] == "qwix":
         import qwix
 
-        provider = qwix.LoraProvider([qwix.LoraRule(module_path=PATTERN, rank=RANK, alpha=2.0 * RANK)])
-        adapted = qwix.apply_lora_to_model(model, provider)
+        rule = qwix.LoraRule(module_path=PATTERN, rank=RANK, alpha=2.0 * RANK, **spec.get("qwix_rule", {}))
+        adapted = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
         params = nn_unbox(adapted.init(jax.random.key(0), ids)["params"])
         is_lora = lambda path: "_lora_" in jax.tree_util.keystr(path)
         adapters, base = _partition(params, is_lora)
@@ -187,15 +187,21 @@ def _combine(a, b):
 
 
 def peer_train(spec: dict):
-    """One side's step as a `benchmarks.workers` candidate, with load / compile / first-step
-    times and the compiled step's temporary bytes."""
+    """One side's step as a `benchmarks.workers` candidate (`train_candidates`)."""
+    start = time.perf_counter()
+    loss, adapters, base = (_nnx if spec["model"] == "nnx" else _linen)(spec)
+    return train_candidates(loss, adapters, base, time.perf_counter() - start)
+
+
+def train_candidates(loss, adapters, base, loaded: float):
+    """The step of `loss(adapters, base, ids)` (AdamW after clipping at 1, adapters donated) as
+    a `benchmarks.workers` candidate, with load / compile / first-step times and the compiled
+    step's temporary bytes."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
-    start = time.perf_counter()
-    loss, adapters, base = (_nnx if spec["model"] == "nnx" else _linen)(spec)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 49_152, (BATCH, SEQ), dtype=np.int32))
 
@@ -205,7 +211,6 @@ def peer_train(spec: dict):
         return optax.apply_updates(adapters, updates), opt_state, value
 
     state = [adapters, tx.init(adapters), base, ids]
-    loaded = time.perf_counter() - start
     tick = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*state).compile()
     compile_s = time.perf_counter() - tick

@@ -42,7 +42,7 @@ class Worker:
             text=True,
         )
         self.ready = self._answer()["ready"]
-        self.peak_rss_bytes: int | None = None
+        self.closing: dict = {}  # peak_rss_bytes, high_water_rss_bytes
 
     def _answer(self) -> dict:
         for line in self.process.stdout:
@@ -58,19 +58,21 @@ class Worker:
     def close(self) -> None:
         self.process.stdin.write("exit\n")
         self.process.stdin.flush()
-        self.peak_rss_bytes = self._answer()["peak_rss_bytes"]
+        self.closing = self._answer()
         self.process.wait()
 
 
 def measure(specs: dict[str, dict], plan: list[tuple[str, str]], repeats: int, log) -> tuple[dict, dict]:
     """Start the workers of `specs` one after another, run `plan` ((worker, candidate) pairs)
-    `repeats` rounds, close them. Returns (seconds per "worker:candidate", worker info)."""
+    `repeats` rounds, close them. Returns (seconds per "worker:candidate", worker info). A
+    worker whose side could not be built (ready holds an "error") is left out of the rounds."""
     workers = {}
     try:
         for name, spec in specs.items():
             log(f"  starting {name}")
             workers[name] = Worker(name, spec)
         times = defaultdict(list)
+        plan = [(name, candidate) for name, candidate in plan if "error" not in workers[name].ready]
         for i in range(repeats):
             for name, candidate in plan:
                 times[f"{name}:{candidate}"].append(workers[name].run(candidate))
@@ -80,7 +82,7 @@ def measure(specs: dict[str, dict], plan: list[tuple[str, str]], repeats: int, l
     finally:
         for worker in workers.values():
             worker.process.kill()
-    info = {name: {**w.ready, "peak_rss_bytes": w.peak_rss_bytes} for name, w in workers.items()}
+    info = {name: {**w.ready, "peak_rss_bytes": None, **w.closing} for name, w in workers.items()}
     return dict(times), info
 
 

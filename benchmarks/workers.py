@@ -4,9 +4,9 @@ The worker builds what its spec names (a jlora or a peft + torch train step, jlo
 inference variants, or several adapters over one base) on the SmolLM2-135M architecture,
 prints one JSON line when ready (load and compile times), then reads commands on stdin:
 a candidate's name runs it once and answers ``{"seconds": …}``; ``exit`` answers with the
-process's peak RSS and ends. One process per side keeps peak RSS its own, and lets the
-orchestrator (`benchmarks.run`) run exactly one side at a time, so torch's and XLA's thread
-pools never compete.
+process's peak RSS (and its high-water mark since a side last reset it) and ends. One
+process per side keeps peak RSS its own, and lets the orchestrator (`benchmarks.run`) run
+exactly one side at a time, so torch's and XLA's thread pools never compete.
 """
 
 from __future__ import annotations
@@ -205,12 +205,35 @@ def peer_train(spec: dict) -> tuple[Candidates, dict]:
     return train(spec)
 
 
+def quantized_train(spec: dict) -> tuple[Candidates, dict]:
+    """That LoRA step over a float32, bf16 or NF4 base (jlora), or qwix's NF4 (`benchmarks.quantized`)."""
+    from benchmarks.quantized import quantized_train as train
+
+    return train(spec)
+
+
+def rss_high_water() -> int | None:
+    """Peak RSS in bytes since the start or the last `reset_rss_high_water` (Linux's VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_rss_high_water() -> None:
+    """Restart VmHWM from the current RSS (Linux: ``5`` into clear_refs), so that it measures what follows."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 SIDES = {
     "jlora": jlora_train,
     "jlora-infer": jlora_infer,
     "jlora-multi": jlora_multi,
     "torch": torch_train,
     "peer": peer_train,
+    "quantized": quantized_train,
 }
 
 
@@ -225,7 +248,8 @@ def main() -> None:
         tick = time.perf_counter()
         candidates[command]()
         print(json.dumps({"seconds": time.perf_counter() - tick}), flush=True)
-    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_rss_bytes": peak, "high_water_rss_bytes": rss_high_water()}), flush=True)
 
 
 if __name__ == "__main__":

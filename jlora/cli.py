@@ -26,7 +26,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_OUT = "runs/default"
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
-RUN_FILES = {RUN_FILE, "metrics.jsonl", "loss.png", CHECKPOINTS, "peft", "results.json"}  # all a run writes
+INITIAL_ADAPTERS = "initial_adapters.safetensors"  # a base-changing init's A0, B0 (`fresh_params`)
+# all a run writes
+RUN_FILES = {RUN_FILE, "metrics.jsonl", "loss.png", CHECKPOINTS, "peft", "results.json", INITIAL_ADAPTERS}
 # exceptions that mean bad input (exit 2, a message); any other is a bug in jlora (exit 1)
 BAD_INPUT = (ValueError, OSError)
 
@@ -116,12 +118,26 @@ TRAIN_FLAGS = {
     "--alpha": ("lora", "alpha", float, "LoRA alpha (default 16)"),
     "--dropout": ("lora", "dropout", float, "dropout on the LoRA input (default 0)"),
     "--layers": ("lora", "layers", "ints", "only these layer indices get adapters"),
+    "--init": (
+        "lora",
+        "init",
+        str,
+        "adapter initialisation: lora (default), gaussian, pissa, pissa_niter_N (randomized SVD, N iterations) or "
+        f"olora; pissa and olora replace the base by the residual W - s·A·B (the run keeps A, B in {INITIAL_ADAPTERS}"
+        "; its exports apply to the original base)",
+    ),
     "--steps": ("train", "steps", int, "optimizer steps (default 100)"),
     "--batch-size": ("train", "batch_size", int, "sequences per micro-batch (default 8)"),
     "--grad-accum": ("train", "grad_accum", int, "micro-batches per step (default 1)"),
     "--lr": ("train", "learning_rate", float, "peak learning rate (default 1e-3), after a linear warmup"),
     "--warmup": ("train", "warmup_steps", int, "warmup steps (default 10)"),
     "--weight-decay": ("train", "weight_decay", float, "AdamW weight decay (default 0)"),
+    "--loraplus-ratio": (
+        "train",
+        "loraplus_ratio",
+        float,
+        "LoRA+: train B at R × the learning rate, as peft's loraplus_lr_ratio (default: off)",
+    ),
     "--dtype": ("train", "dtype", str, "compute dtype: float32 or bfloat16 (parameters stay float32)"),
     "--quantize": (
         "train",
@@ -456,16 +472,90 @@ def load_inputs(run: Run, mesh=None):
     return run, pretrained, train, held_out
 
 
-def prepare(run: Run, mesh=None):
+def prepare(run: Run, mesh=None, initial: dict | None = None):
     """(run, pretrained, params, train, held-out): `load_inputs` and fresh adapters of
-    `run.lora` (unknown targets, ranks too large)."""
+    `run.lora` (unknown targets, ranks too large), from `initial` for a base-changing init
+    (`fresh_params`)."""
+    run, pretrained, train, held_out = load_inputs(run, mesh)
+    return run, pretrained, quantized(run, pretrained, fresh_params(run, pretrained, initial)), train, held_out
+
+
+def fresh_params(run: Run, pretrained, initial: dict | None = None):
+    """`pretrained`'s params with fresh adapters of `run.lora`. A base-changing init (PiSSA,
+    OLoRA) starts them at `initial` (A0, B0 by path, as `initial_factors` gives them; decomposed
+    from the kernels when None) over the residual base W - s·A0·B0, which is always computed
+    from those factors (`jlora.merge.unmerge`): a run, its resume, eval, merge and exports then
+    hold the same base bit for bit, as the checkpoints' fingerprint of it requires."""
     import jax
 
     import jlora
+    from jlora.merge import unmerge
 
-    run, pretrained, train, held_out = load_inputs(run, mesh)
-    params = jlora.init(pretrained.params, run.lora, jax.random.key(run.train.seed), specs=pretrained.kernel_specs())
-    return run, pretrained, quantized(run, pretrained, params), train, held_out
+    def init(lora):
+        return jlora.init(pretrained.params, lora, jax.random.key(run.train.seed), specs=pretrained.kernel_specs())
+
+    if not run.lora.changes_base:
+        return init(run.lora)
+    if initial is None:
+        initial = initial_factors(init(run.lora))
+    shapes = jax.eval_shape(lambda: init(dataclasses.replace(run.lora, init="lora")))
+    return unmerge(pretrained.params, _initial_tree(initial, shapes), run.lora)
+
+
+def initial_factors(params) -> dict:
+    """``{path: array}`` of every LoRA factor in `params`, on the host (safetensors' form)."""
+    import numpy as np
+
+    from jlora.tree import LORA_A, LORA_B, flatten, path_str
+
+    return {path_str(keys): np.asarray(leaf) for keys, leaf in flatten(params).items() if keys[-1] in (LORA_A, LORA_B)}
+
+
+def _initial_tree(initial: dict, shapes) -> dict:
+    """`initial` (``{path: array}``) as the tree of the factors in `shapes` (a tree of arrays
+    or of their shapes), refused unless it holds exactly those, shaped and typed alike."""
+    import jax.numpy as jnp
+
+    from jlora.tree import LORA_A, LORA_B, flatten, path_str, unflatten
+
+    wanted = {path_str(keys): (keys, leaf) for keys, leaf in flatten(shapes).items() if keys[-1] in (LORA_A, LORA_B)}
+    if initial.keys() != wanted.keys() or any(
+        (initial[p].shape, initial[p].dtype) != (leaf.shape, leaf.dtype) for p, (_, leaf) in wanted.items()
+    ):
+        raise ValueError(
+            f"{INITIAL_ADAPTERS} does not hold the initial adapters of the run's LoRA settings (altered, or another "
+            "run's)"
+        )
+    return unflatten({keys: jnp.asarray(initial[p]) for p, (keys, _) in wanted.items()})
+
+
+def read_initial(folder: pathlib.Path, run: Run, required: bool = True) -> dict | None:
+    """The A0, B0 a base-changing run keeps (`INITIAL_ADAPTERS`); None for other runs, and
+    when the file is missing but not `required` (a run killed before it wrote it)."""
+    path = folder / INITIAL_ADAPTERS
+    if not run.lora.changes_base or not (required or path.exists()):
+        return None
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{folder}: a run with init={run.lora.init!r} trains over a residual base computed from its initial "
+            f"adapters, kept in {INITIAL_ADAPTERS}, which is missing"
+        )
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+
+
+def write_initial(folder: pathlib.Path, initial: dict) -> None:
+    """Keep `initial` (`initial_factors`) in the run folder, replaced atomically."""
+    from safetensors.numpy import save_file
+
+    staging = folder / f"{INITIAL_ADAPTERS}.tmp"
+    save_file(initial, staging)
+    os.replace(staging, folder / INITIAL_ADAPTERS)
 
 
 def quantized(run: Run, pretrained, params):
@@ -582,7 +672,8 @@ def cmd_train(args) -> int:
     if source:
         run, *prepared = prepare_from_adapter(run, source, given.get("lora", {}), mesh)
     else:
-        run, *prepared = prepare(run, mesh)
+        initial = read_initial(out, run, required=_has_checkpoint(out)) if args.resume else None
+        run, *prepared = prepare(run, mesh, initial)
     with replacing(out, replace, writer=jax.process_index() == 0):
         return train_run(run, out, *prepared, mesh=mesh, progress=not args.quiet, started=started)
 
@@ -611,6 +702,9 @@ def train_run(run: Run, out: pathlib.Path, pretrained, params, train_split, held
         (out / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2))
     metrics_file = out / "metrics.jsonl"
     adapters, base = jlora.split(params, run.lora)
+    initial = initial_factors(adapters) if run.lora.changes_base else None  # a host copy: `fit` donates `adapters`
+    if writer and initial is not None and not (out / INITIAL_ADAPTERS).exists():
+        write_initial(out, initial)
     task = training.task_for(pretrained, run.lora, train_split, held_out)
     eval_step = training.make_eval_step(task)
     evals = {r["eval"]: r for r in training.read_metrics(metrics_file) if "eval" in r}  # kept by a resumed run
@@ -637,7 +731,7 @@ def train_run(run: Run, out: pathlib.Path, pretrained, params, train_split, held
     if not writer:
         return 0
     shutil.rmtree(out / "peft", ignore_errors=True)  # a resumed run killed after its export writes it again
-    export_peft(run, pretrained, jlora.join(adapters, base), out / "peft")
+    export_peft(run, pretrained, jlora.join(adapters, base), out / "peft", initial)
     during = [r for r in training.read_metrics(metrics_file) if r.get("eval") == "step"]
     training.plot_loss(history, evals, out / "loss.png", during)
     last = out / CHECKPOINTS / str(run.train.steps)
@@ -662,8 +756,9 @@ def train_run(run: Run, out: pathlib.Path, pretrained, params, train_split, held
         f"adapters on disk {adapter_bytes / 1e6:.2f} MB, {adapter_bytes / result['base_bytes']:.2%} of the base's "
         f"{base_mb:.0f} MB ({checkpoint_bytes / 1e6:.2f} MB with the optimizer state)"
     )
+    kept = f", {INITIAL_ADAPTERS}" if initial is not None else ""
     print(
-        f"wrote {out}/ (run.json, metrics.jsonl, loss.png, {CHECKPOINTS}/, peft/, results.json) "
+        f"wrote {out}/ (run.json, metrics.jsonl, loss.png, {CHECKPOINTS}/, peft/, results.json{kept}) "
         f"in {result['wall_seconds']:.0f} s"
     )
     return 0
@@ -686,8 +781,9 @@ def _report(name: str, step: int, result: dict, metrics_file: pathlib.Path) -> N
         f.write(json.dumps({"eval": name, "step": step, **result}) + "\n")
 
 
-def export_peft(run: Run, pretrained, params, out: pathlib.Path) -> pathlib.Path:
-    """The run's adapters as a Hugging Face PEFT directory (peft, vLLM and TGI load it)."""
+def export_peft(run: Run, pretrained, params, out: pathlib.Path, initial: dict | None = None) -> pathlib.Path:
+    """The run's adapters as a Hugging Face PEFT directory (peft, vLLM and TGI load it); a
+    base-changing run's, with its `initial` adapters, as plain LoRA for the original base."""
     import jlora.peft
     from jlora.models import hf_module_name
 
@@ -698,6 +794,7 @@ def export_peft(run: Run, pretrained, params, out: pathlib.Path) -> pathlib.Path
         hf_module_name,
         task_type="SEQ_CLS" if run.data.task == "classification" else "CAUSAL_LM",
         base_model_name_or_path=hub_id(run.model),
+        initial=None if initial is None else _initial_tree(initial, params),
     )
 
 
@@ -715,7 +812,7 @@ def load_run(folder: str):
     if not (path / RUN_FILE).exists():
         raise FileNotFoundError(f"{path} is not a jlora run folder (no {RUN_FILE})")
     run = _run_of(folder)
-    run, pretrained, params, train, held_out = prepare(run)
+    run, pretrained, params, train, held_out = prepare(run, initial=read_initial(path, run))
     return run, pretrained, restore_adapters(path, run, params), train, held_out
 
 
@@ -873,18 +970,23 @@ def _read_text(path: pathlib.Path) -> str:
 
 def load_adapters(path: str, pretrained):
     """(params with adapters, LoraConfig) of a run folder or a PEFT directory, over
-    `pretrained`'s base."""
-    import jax
+    `pretrained`'s base; a base-changing run's as its PEFT export holds them (plain LoRA of
+    rank 2r for the original base), so they stack with others and start other runs."""
+    import tempfile
 
-    import jlora
     import jlora.peft
     from jlora.models import hf_module_name
 
     folder = pathlib.Path(path)
     if (folder / RUN_FILE).exists():
         run = _run_of(path)
-        params = jlora.init(pretrained.params, run.lora, jax.random.key(0), specs=pretrained.kernel_specs())
-        return restore_adapters(folder, run, quantized(run, pretrained, params)), run.lora
+        initial = read_initial(folder, run)
+        params = restore_adapters(folder, run, quantized(run, pretrained, fresh_params(run, pretrained, initial)))
+        if initial is None:
+            return params, run.lora
+        with tempfile.TemporaryDirectory() as tmp:
+            converted = export_peft(run, pretrained, params, pathlib.Path(tmp) / "peft", initial)
+            return jlora.peft.load(converted, pretrained.params, hf_module_name)
     if (folder / "adapter_config.json").exists():
         return jlora.peft.load(folder, pretrained.params, hf_module_name)
     raise FileNotFoundError(f"{folder} is neither a jlora run folder ({RUN_FILE}) nor a PEFT directory")
@@ -904,7 +1006,7 @@ def cmd_merge(args) -> int:
 def cmd_export_peft(args) -> int:
     check_new_folder(args.out)
     run, pretrained, params, _, _ = load_run(args.run)
-    out = export_peft(run, pretrained, params, pathlib.Path(args.out))
+    out = export_peft(run, pretrained, params, pathlib.Path(args.out), read_initial(pathlib.Path(args.run), run))
     print(f"wrote {out}/ (adapter_config.json, adapter_model.safetensors)")
     return 0
 

@@ -30,6 +30,7 @@ import jlora
 from jlora import sharding
 from jlora.checkpoint import Checkpoints, fingerprint
 from jlora.data import Batches, Split, eval_batches
+from jlora.optim import decay_mask
 from jlora.quantize import FORMATS, dequantize_tree
 
 Batch = dict[str, jax.Array]
@@ -56,6 +57,7 @@ class TrainConfig:
     eval_every: int | None = None  # steps between held-out evaluations during training
     epochs: float | None = None  # passes over the data; sets `steps` once the data is known (`with_epochs`)
     quantize: str | None = None  # frozen kernels stored in "nf4", "int8" or "bf16" (QLoRA, `jlora.quantize`)
+    loraplus_ratio: float | None = None  # LoRA+: B trained at this many times the learning rate (`jlora.loraplus`)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "checkpoint_every", "keep_checkpoints"):
@@ -71,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.quantize is not None and self.quantize not in FORMATS:
             raise ValueError(f"quantize must be one of {', '.join(FORMATS)} (or unset), got {self.quantize!r}")
+        if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
+            raise ValueError(f"loraplus_ratio must be > 0 (or unset), got {self.loraplus_ratio}")
 
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -100,12 +104,14 @@ def schedule(config: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(config: TrainConfig, lora: jlora.LoraConfig) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping and the schedule, on the trainable leaves only."""
-    tx = optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm),
-        optax.adamw(schedule(config), weight_decay=config.weight_decay),
-    )
-    return jlora.optimizer(tx, lora)
+    """AdamW with global-norm clipping and the schedule, on the trainable leaves only. With
+    `loraplus_ratio`, LoRA+ (`jlora.loraplus`: B at ratio × the learning rate) with weight decay
+    spared where peft's `create_loraplus_optimizer` spares it (`decay_mask`), so it equals peft's."""
+    loraplus = config.loraplus_ratio is not None
+    mask = decay_mask if loraplus and config.weight_decay else None
+    adamw = optax.adamw(schedule(config), weight_decay=config.weight_decay, mask=mask)
+    tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+    return jlora.optimizer(jlora.loraplus(tx, config.loraplus_ratio) if loraplus else tx, lora)
 
 
 # -- losses --------------------------------------------------------------------------------------

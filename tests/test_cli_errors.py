@@ -78,6 +78,13 @@ def workdir(tmp_path_factory):
     list_config = root / "list-config-peft"
     shutil.copytree(run / "peft", list_config)
     (list_config / "adapter_config.json").write_text(json.dumps([config]))
+    for name, initial in (("pissa-no-initial-run", None), ("pissa-bad-initial-run", b"not safetensors")):
+        shutil.copytree(run, root / name)  # as if a PiSSA run had lost or damaged its initial adapters
+        settings = json.loads((root / name / "run.json").read_text())
+        (root / name / "run.json").write_text(json.dumps({**settings, "lora": {**settings["lora"], "init": "pissa"}}))
+        if initial is not None:
+            (root / name / cli.INITIAL_ADAPTERS).write_bytes(initial)
+    (root / "pissa-no-initial-run" / "results.json").unlink()  # resumable
     (root / "existing").mkdir()
     (root / "existing" / "keep.txt").write_text("keep me\n")
     (root / "a-file").write_text("not a folder\n")
@@ -114,6 +121,10 @@ CASES = [
     ([*TRAIN, "--out", "new", "--dropout", "1.5"], "dropout must be in [0, 1)"),
     ([*TRAIN, "--out", "new", "--dtype", "float16"], "dtype must be 'float32' or 'bfloat16'"),
     ([*TRAIN, "--out", "new", "--quantize", "nf3"], "quantize must be one of nf4, int8, bf16"),
+    ([*TRAIN, "--out", "new", "--init", "pissa_niter_x"], "init must be one of"),
+    ([*TRAIN, "--out", "new", "--init", "loftq"], "init must be one of"),
+    ([*TRAIN, "--out", "new", "--loraplus-ratio", "0"], "loraplus_ratio must be > 0"),
+    ([*TRAIN, "--out", "new", "--loraplus-ratio", "-2"], "loraplus_ratio must be > 0"),
     (["train", "--config", "missing.yaml", "--out", "new"], "config file missing.yaml not found"),
     (["train", "--config", "bad.yaml", "--out", "new"], "is not valid YAML"),
     (["train", "--config", "list.yaml", "--out", "new"], "must hold a mapping"),
@@ -124,6 +135,9 @@ CASES = [
     (["eval", "--adapter", "nowhere"], "not a jlora run folder"),
     (["eval", "--adapter", "damaged-run", "--quiet"], "step 2 is damaged"),
     (["eval", "--adapter", "bad-json-run"], "is not valid JSON"),
+    (["eval", "--adapter", "pissa-no-initial-run"], "initial_adapters.safetensors, which is missing"),
+    (["export-peft", "pissa-bad-initial-run", "peft-out"], "is not a readable safetensors file"),
+    (["train", "--resume", "pissa-no-initial-run"], "which is missing"),
     (["generate", "--adapter", "question-run", "--input", "x"], "also needs ['question']"),
     (["generate", "--adapter", "run", "--prompts", "prompts.jsonl"], "prompts.jsonl:2: not a JSON row"),
     (["generate", "--adapter", "run", "--prompts", "prompts-latin1.jsonl"], "not UTF-8 text"),
