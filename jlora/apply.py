@@ -9,6 +9,11 @@ stacked adapters along with their kernels).
 A quantized kernel (`jlora.quantize`, QLoRA) is dequantized where it is used: the
 interceptor computes that layer's base output itself, the module's contraction and bias in
 its dtype, with or without adapters beside it.
+
+A DoRA magnitude m beside the adapters (`LoraConfig.use_dora`) rescales the output as peft
+does: with ``k = m / ‖W + s·A·B‖`` per output feature (the norm held constant in the
+backward pass), ``y + (k - 1)·(y - bias) + k·s·x·A·B``. That norm needs ΔW, built once per
+layer and call, as peft builds it.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from jax import lax
 
 from jlora import quantize
 from jlora.config import LoraConfig
+from jlora.merge import weight_norm
 from jlora.spec import ADAPTABLE, einsum_axes
-from jlora.tree import LORA_A, LORA_B, PyTree, adapted_modules, path_str
+from jlora.tree import LORA_A, LORA_B, LORA_MAGNITUDE, PyTree, adapted_modules, path_str
 
 
 def lora_branch(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array, einsum_str: str | None = None):
@@ -79,23 +85,48 @@ def _equation(module: nn.Module, x: jax.Array, kernel_shape: tuple[int, ...], ei
     return f"{x_sub},{''.join(x_sub[i] for i in axes)}{outs}->{kept}{outs}"
 
 
+def _on_output(v: jax.Array, letters: str, equation: str) -> jax.Array:
+    """`v`, whose axes are the kernel's output axes `letters` of `equation`, broadcastable
+    against the output of `equation` (an Einsum may order its output axes otherwise)."""
+    out_sub = equation.split("->")[1]
+    order = "".join(c for c in out_sub if c in letters)
+    v = jnp.einsum(f"{letters}->{order}", v)
+    return jnp.reshape(v, [v.shape[order.index(c)] if c in letters else 1 for c in out_sub])
+
+
+def _bias(module: nn.Module, equation: str, dtype) -> jax.Array | None:
+    """`module`'s bias in `dtype`, broadcastable against its output (None without one)."""
+    bias = module.get_variable("params", "bias")
+    if bias is None:
+        return None
+    k_sub, out_sub = equation.split(",")[1].split("->")
+    return _on_output(jnp.asarray(bias, dtype), "".join(c for c in out_sub if c in k_sub), equation)
+
+
+def _contract(module: nn.Module, x: jax.Array, kernel, einsum_str: str | None) -> tuple[jax.Array, str]:
+    """``(x·W, equation)``: the Dense / DenseGeneral / Einsum `module`'s contraction of `x` with
+    `kernel` (a quantized one dequantized for it), bias left out, in the dtype the module
+    computes in."""
+    if quantize.is_quantized(kernel):
+        kernel = quantize.unstacked(kernel)  # as nn.scan sliced it
+    bias = module.get_variable("params", "bias")
+    dtype = module.dtype or jnp.result_type(*(t.dtype for t in (x, bias) if t is not None), kernel.dtype)
+    x = jnp.asarray(x, dtype)
+    equation = _equation(module, x, kernel.shape, einsum_str)
+    contraction = Contraction(
+        equation, jnp.dtype(dtype).name, module.precision, getattr(module, "preferred_element_type", None)
+    )
+    if quantize.is_quantized(kernel):
+        return _frozen(contraction, x, kernel), equation
+    return contraction(x, jnp.asarray(kernel, dtype)), equation
+
+
 def quantized_base(module: nn.Module, x: jax.Array, kernel: quantize.Quantized, einsum_str: str | None = None):
     """What the Dense / DenseGeneral / Einsum `module` computes from `x` with its quantized
     `kernel`: the same contraction plus its bias, in the dtype the module computes in."""
-    kernel = quantize.unstacked(kernel)  # as nn.scan sliced it
-    bias = module.get_variable("params", "bias")
-    dtype = module.dtype or jnp.result_type(*(t.dtype for t in (x, bias) if t is not None), kernel.dtype)
-    x, bias = nn.dtypes.promote_dtype(x, bias, dtype=dtype)
-    equation = _equation(module, x, kernel.shape, einsum_str)
-    y = _frozen(
-        Contraction(equation, jnp.dtype(dtype).name, module.precision, getattr(module, "preferred_element_type", None)),
-        x,
-        kernel,
-    )
-    if bias is None:
-        return y
-    k_sub, out_sub = equation.split(",")[1].split("->")
-    return y + jnp.reshape(bias, [n if c in k_sub else 1 for c, n in zip(out_sub, y.shape, strict=True)])
+    y, equation = _contract(module, x, kernel, einsum_str)
+    bias = _bias(module, equation, y.dtype)
+    return y if bias is None else y + bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -172,14 +203,40 @@ def _dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
 
 
 Branch = Callable[[nn.Module, jax.Array, jax.Array, jax.Array, str | None], jax.Array]
+Scale = Callable[[nn.Module, int], float]  # the s of `module`'s adapter of rank r
+
+
+def _dora(
+    module: nn.Module, x: jax.Array, y: jax.Array, lora_out: jax.Array, scale: float, einsum_str, dropped: bool
+) -> jax.Array:
+    """peft's DoRA output (`DoraLinearLayer.forward`): with ``k = m / ‖W + s·A·B‖`` per output
+    feature, a constant of the backward pass (Liu et al. 2024, section 4.3), ``y + (k - 1)·base
+    + k·lora_out``, `lora_out` being ``s·x·A·B`` and `base` the layer's output without its bias:
+    ``y - bias``, or, where LoRA dropout is on (`dropped`), the contraction of the dropped-out
+    `x` with W, as peft computes it."""
+    kernel, a, b = (module.get_variable("params", name) for name in ("kernel", LORA_A, LORA_B))
+    if quantize.is_quantized(kernel):
+        kernel = quantize.unstacked(kernel)  # as nn.scan sliced it
+    k = module.get_variable("params", LORA_MAGNITUDE).astype(jnp.float32)
+    k = k / lax.stop_gradient(weight_norm(kernel, a, b, scale))
+    if dropped:
+        base, equation = _contract(module, x, kernel, einsum_str)
+    else:
+        equation = _equation(module, x, kernel.shape, einsum_str)
+        bias = _bias(module, equation, y.dtype)
+        base = y if bias is None else y - bias
+    k = _on_output(k, equation.split(",")[1].split("->")[0][a.ndim - 1 :], equation)
+    return y + ((k - 1) * base + k * lora_out).astype(y.dtype)
 
 
 @contextlib.contextmanager
-def adding(branch: Branch) -> Iterator[set[str]]:
+def adding(branch: Branch, *, dropout: float = 0.0, scale: Scale | None = None) -> Iterator[set[str]]:
     """Within this context, every Dense / DenseGeneral / Einsum call whose scope holds
-    adapters returns ``y + branch(module, x, lora_a, lora_b, einsum_str)``, `y` computed
-    by `quantized_base` where the kernel is quantized. Yields the set of module paths
-    reached, filled as the model runs."""
+    adapters returns ``y + branch(module, dropout(x), lora_a, lora_b, einsum_str)``, `y`
+    computed by `quantized_base` where the kernel is quantized, and `dropout` the rate of
+    LoRA dropout (from the ``'dropout'`` rng). Where a DoRA magnitude sits beside the
+    adapters, the sum is peft's DoRA output instead (`_dora`), whose norm needs `scale`.
+    Yields the set of module paths reached, filled as the model runs."""
     applied: set[str] = set()
 
     def interceptor(next_fun, args, kwargs, context):
@@ -198,8 +255,15 @@ def adding(branch: Branch) -> Iterator[set[str]]:
         if not adapted:
             return y
         a, b = module.get_variable("params", LORA_A), module.get_variable("params", LORA_B)
-        applied.add("/".join(module.path))
-        return y + branch(module, x, a, b, einsum_str).astype(y.dtype)
+        path = "/".join(module.path)
+        applied.add(path)
+        x_lora = _dropout(module, x, dropout) if dropout > 0 else x
+        lora_out = branch(module, x_lora, a, b, einsum_str)
+        if not module.has_variable("params", LORA_MAGNITUDE):
+            return y + lora_out.astype(y.dtype)
+        if scale is None:
+            raise ValueError(f"{path}: a DoRA magnitude ({LORA_MAGNITUDE}), which this interceptor does not apply")
+        return _dora(module, x_lora, y, lora_out, scale(module, a.shape[-1]), einsum_str, dropout > 0)
 
     with nn.intercept_methods(interceptor):
         yield applied
@@ -223,12 +287,13 @@ def intercept(config: LoraConfig, *, deterministic: bool = True) -> Iterator[set
     use it with your own ``model.apply`` calls, or call `apply`, which checks it.
     """
 
-    def branch(module, x, a, b, einsum_str):
-        if not deterministic and config.dropout > 0:
-            x = _dropout(module, x, config.dropout)
-        return config.scale("/".join(module.path), a.shape[-1]) * lora_branch(module, x, a, b, einsum_str)
+    def scale(module: nn.Module, r: int) -> float:
+        return config.scale("/".join(module.path), r)
 
-    with adding(branch) as applied:
+    def branch(module, x, a, b, einsum_str):
+        return scale(module, a.shape[-1]) * lora_branch(module, x, a, b, einsum_str)
+
+    with adding(branch, dropout=0.0 if deterministic else config.dropout, scale=scale) as applied:
         yield applied
 
 

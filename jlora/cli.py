@@ -491,9 +491,11 @@ def fresh_params(run: Run, pretrained, initial: dict | None = None):
     import jlora
     from jlora.merge import unmerge
 
-    def init(lora):
-        return jlora.init(pretrained.params, lora, jax.random.key(run.train.seed), specs=pretrained.kernel_specs())
+    def init(lora, params=pretrained.params):
+        return jlora.init(params, lora, jax.random.key(run.train.seed), specs=pretrained.kernel_specs())
 
+    if run.lora.use_dora and not run.lora.changes_base:  # the magnitude of the weights DoRA scales (dequantized)
+        return init(run.lora, quantized(run, pretrained, pretrained.params))
     if not run.lora.changes_base:
         return init(run.lora)
     if initial is None:

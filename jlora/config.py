@@ -77,6 +77,10 @@ class LoraConfig:
       rank_pattern: per-module rank overrides, ``{regex: r}``.
       alpha_pattern: per-module alpha overrides, ``{regex: alpha}``.
       use_rslora: scale by alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r.
+      use_dora: DoRA (Liu et al. 2024), as peft's ``use_dora``: a trainable magnitude m per
+        output feature beside A and B, initialised to the norm of W, and the layer computes
+        ``m / ‖W + s·A·B‖ · (W + s·A·B)`` (the norm over the input axes, held constant in the
+        backward pass).
       init: ``"lora"`` (A Kaiming-uniform as in peft, B = 0) or ``"gaussian"`` (A normal
         with std 1/r, B = 0): the base is untouched and the adapted model starts equal to it.
         ``"pissa"`` (Meng et al. 2024: A, B from the kernel's top-r singular triplets),
@@ -99,6 +103,7 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     use_rslora: bool = False
+    use_dora: bool = False
     init: str = "lora"
     modules_to_save: Sequence[str] = ()
     dtype: Any = "float32"
@@ -109,6 +114,8 @@ class LoraConfig:
         _check_alpha("alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         if self.init not in INITS and not self.changes_base:
             raise ValueError(f"LoraConfig.init must be one of {INITS + BASE_CHANGING_INITS}, got {self.init!r}")
         target = _names("target_modules", self.target_modules)

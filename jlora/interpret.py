@@ -623,8 +623,14 @@ def lora_specs(
 # -- adapters: create, apply, merge ----------------------------------------------------
 
 
+def _refuse_dora(config: LoraConfig) -> None:
+    if config.use_dora:
+        raise ValueError("DoRA (use_dora) is not supported on functions yet; use jlora.apply on a Linen model")
+
+
 def init(params: PyTree, specs: Mapping[str, LeafSpec], config: LoraConfig, key: jax.Array) -> dict:
     """Add A (peft's initialisation) and B = 0 beside every weight in `specs`: a no-op on the output."""
+    _refuse_dora(config)
     flat = flatten(params)
     by_path = {path_str(keys): keys for keys in flat}
     for path, spec in specs.items():
@@ -682,6 +688,7 @@ def lora(fn: Callable, config: LoraConfig, *, fallback: str = "merge") -> Callab
     """
     if fallback not in ("merge", "error"):
         raise ValueError(f"lora: fallback must be 'merge' or 'error', got {fallback!r}")
+    _refuse_dora(config)
 
     @functools.wraps(fn)
     def wrapped(params: PyTree, *args, **kwargs):

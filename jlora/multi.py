@@ -39,6 +39,11 @@ def _factors(params: PyTree, config: LoraConfig) -> dict[Keys, Factor]:
             f"adapters with modules_to_save {list(config.modules_to_save)} replace whole modules, "
             "which cannot be stacked or combined; use adapters of lora_a / lora_b only"
         )
+    if config.use_dora:
+        raise ValueError(
+            "DoRA adapters (use_dora) rescale their whole layer by a magnitude, which cannot be stacked or "
+            "combined per row; merge each one (jlora.merge) or use plain LoRA adapters"
+        )
     out = {}
     for keys, leaves in adapted_modules(params).items():
         if "kernel" not in leaves:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from jlora.config import LoraConfig
-from jlora.tree import LORA_B, PyTree, labels
+from jlora.tree import LORA_B, LORA_MAGNITUDE, PyTree, labels
 
 
 def optimizer(tx: optax.GradientTransformation, config: LoraConfig) -> optax.GradientTransformation:
@@ -47,7 +47,8 @@ def loraplus_b(tree: PyTree) -> PyTree:
     """True on the leaves LoRA+ trains at the higher rate, as peft's `create_loraplus_optimizer`
     groups them: every ``lora_b`` and every 1-D trainable parameter (a `modules_to_save` bias or
     norm scale); A and the other parameters keep the base rate."""
-    return jax.tree_util.tree_map_with_path(lambda path, x: _leaf_name(path) == LORA_B or jnp.ndim(x) == 1, tree)
+    fast = lambda path, x: _leaf_name(path) in (LORA_B, LORA_MAGNITUDE) or jnp.ndim(x) == 1
+    return jax.tree_util.tree_map_with_path(fast, tree)
 
 
 def loraplus(tx: optax.GradientTransformation, ratio: float = 16.0) -> optax.GradientTransformation:

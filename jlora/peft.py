@@ -2,8 +2,9 @@
 ``adapter_model.safetensors``, as peft, vLLM and TGI load it.
 
 Keys are ``base_model.model.<module>.lora_A.weight`` with shape (r, in) and
-``….lora_B.weight`` with shape (out, r) (PyTorch's (out, in) layout); `modules_to_save`
-parameters are stored under their own names. A jlora kernel ``(*stack, *in, *out)`` has
+``….lora_B.weight`` with shape (out, r) (PyTorch's (out, in) layout), with DoRA (``use_dora``)
+``….lora_magnitude_vector`` of shape (out,); `modules_to_save` parameters are stored under
+their own names. A jlora kernel ``(*stack, *in, *out)`` has
 ``lora_a (*stack, *in, r)`` and ``lora_b (*stack, r, *out)``: the export flattens the
 input and output axes, transposes, and writes one module per stacked layer.
 
@@ -29,11 +30,24 @@ from typing import Any
 import numpy as np
 
 from jlora.config import LoraConfig
+from jlora.merge import weight_norm
 from jlora.spec import adapter_spec
 from jlora.staging import staged
-from jlora.tree import LORA_A, LORA_B, PyTree, adapted_modules, flatten, is_trainable, path_str, unflatten
+from jlora.tree import (
+    ADAPTER_LEAVES,
+    LORA_A,
+    LORA_B,
+    LORA_MAGNITUDE,
+    PyTree,
+    adapted_modules,
+    flatten,
+    is_trainable,
+    path_str,
+    unflatten,
+)
 
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"  # peft's name of DoRA's magnitude, (out,), beside lora_A / lora_B
 ModuleNames = Callable[[tuple, int | None], str]
 Location = tuple[tuple, int | None]  # (jlora keys, layer index in a scanned stack or None)
 # Hugging Face names of an output projection and of the input embedding that a model without the
@@ -95,6 +109,7 @@ SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "rank_pattern": ("an object {regex: integer >= 1}", _or_null(_pattern_of(lambda v: _is_int(v, 1)))),
     "alpha_pattern": ("an object {regex: number > 0}", _or_null(_pattern_of(lambda v: _is_number(v) and v > 0))),
     "init_lora_weights": ("true, false or an initialisation's name", _is_a(bool | str)),
+    "use_dora": ("true or false", _or_null(_is_a(bool))),
     "ensure_weight_tying": ("true or false", _or_null(_is_a(bool))),
     "inference_mode": ("true or false", _or_null(_is_a(bool))),
     "task_type": ("a string", _or_null(_is_a(str))),
@@ -110,7 +125,6 @@ SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = {
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # fields the importer accepts at their default (or empty) only
 DEFAULTS = {
-    "use_dora": False,
     "bias": "none",
     "fan_in_fan_out": False,
     "exclude_modules": None,
@@ -129,23 +143,30 @@ DEFAULTS = {
 
 
 def _modules(params: PyTree, config: LoraConfig, module_names: ModuleNames, initial: PyTree | None = None):
-    """(HF module name, A, B, scale) per adapted module and layer; the layers of a stacked
-    kernel that `config.layers` leaves out (A = B = 0) are skipped. With `initial` (the tree
-    `init` returned), A and B are converted as `_with_initial` says."""
+    """(HF module name, A, B, scale, DoRA magnitude or None) per adapted module and layer; the
+    layers of a stacked kernel that `config.layers` leaves out (A = B = 0) are skipped. With
+    `initial` (the tree `init` returned), A and B are converted as `_with_initial` says (a
+    magnitude stays: the converted W + ΔW, hence its norm, is the trained one)."""
     starts = adapted_modules(initial) if initial is not None else None
     for keys, leaves in adapted_modules(params).items():
         kernel, a, b = leaves["kernel"], np.asarray(leaves[LORA_A], np.float32), np.asarray(leaves[LORA_B], np.float32)
         spec = adapter_spec(kernel.shape, a.shape, b.shape)
         if spec.stack > 1:
             raise ValueError(f"{path_str(keys)}: {spec.stack} stacked axes; export handles one")
+        if (LORA_MAGNITUDE in leaves) != config.use_dora:
+            raise ValueError(
+                f"export: {path_str(keys)} {'has' if LORA_MAGNITUDE in leaves else 'lacks'} a DoRA magnitude "
+                f"({LORA_MAGNITUDE}) but the config has use_dora={config.use_dora}"
+            )
+        m = np.asarray(leaves[LORA_MAGNITUDE], np.float32) if config.use_dora else None
         scale = config.scale(path_str(keys), a.shape[-1])
         if starts is not None:
             a, b = _with_initial(keys, a, b, spec.stack, starts.get(keys))
         for index in range(kernel.shape[0]) if spec.stack else [None]:
             if index is not None and config.layers is not None and index not in config.layers:
                 continue
-            layer_a, layer_b = (a[index], b[index]) if spec.stack else (a, b)
-            yield module_names(keys, index), layer_a, layer_b, scale
+            layer_a, layer_b, layer_m = (x[index] if spec.stack and x is not None else x for x in (a, b, m))
+            yield module_names(keys, index), layer_a, layer_b, scale, layer_m
 
 
 def _with_initial(keys: tuple, a: np.ndarray, b: np.ndarray, stack: int, start: Mapping | None):
@@ -191,10 +212,12 @@ def export(
     r_all, alpha_all = width * config.r, config.alpha * (math.sqrt(width) if config.use_rslora else width)
     tensors: dict[str, np.ndarray] = {}
     ranks, alphas = {}, {}
-    for name, a, b, scale in _modules(params, config, module_names, initial):
+    for name, a, b, scale, m in _modules(params, config, module_names, initial):
         r = a.shape[-1]
         tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
+        if m is not None:
+            tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = np.ascontiguousarray(m.reshape(-1))
         ranks[name] = r
         alphas[name] = scale * (math.sqrt(r) if config.use_rslora else r)
     if not tensors:
@@ -202,7 +225,7 @@ def export(
     flat = flatten(params)
     saved: dict[str, np.ndarray] = {}  # modules_to_save: full parameters under their own names
     for keys, value in flat.items():
-        if keys[-1] not in (LORA_A, LORA_B) and is_trainable(keys, config):
+        if keys[-1] not in ADAPTER_LEAVES and is_trainable(keys, config):
             saved.update(_saved_tensors(keys, np.asarray(value, np.float32), module_names))
     tensors.update(saved)
     present = set(_leaf_locations(flat, module_names))
@@ -223,7 +246,7 @@ def export(
         "modules_to_save": sorted({k.removeprefix(PREFIX).rsplit(".", 1)[0] for k in saved}) or None,
         "layers_to_transform": list(config.layers) if config.layers is not None else None,
         **({"ensure_weight_tying": True} if tied else {}),
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -284,7 +307,7 @@ def _locations(leaves: Mapping[tuple, Any], module_names: ModuleNames) -> Iterat
 
 def _leaf_locations(flat: Mapping[tuple, Any], module_names: ModuleNames) -> dict[str, Location]:
     """``{'model.layers.0.input_layernorm.weight': (keys, 0), …}`` for every non-LoRA leaf."""
-    leaves = {k: v for k, v in flat.items() if k[-1] not in (LORA_A, LORA_B)}
+    leaves = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
     return {f"{name}.{_leaf_name(at[0][-1])}": at for name, at in _locations(leaves, module_names)}
 
 
@@ -292,7 +315,10 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
     """Read a PEFT LoRA directory into `params` (a base tree of jlora's layout): returns the
     tree with adapters (and `modules_to_save` values) and the matching `LoraConfig`.
 
-    Every field the importer cannot honour (DoRA, biases, fan_in_fan_out, …), every
+    A DoRA adapter (``use_dora``) brings its magnitudes (`LoraConfig.use_dora`); in a scanned
+    stack, layers the file leaves out get A = B = 0 and m = ‖W‖, an exact no-op up to rounding.
+
+    Every field the importer cannot honour (biases, fan_in_fan_out, …), every
     adapter whose module the model lacks, every tensor whose shape disagrees with the
     config or the model, per-layer ranks or alphas in a scanned stack (one per stacked
     module), and a saved embedding that a tied model could not apply as peft does are errors
@@ -306,7 +332,8 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
     by_name = {name: (keys[:-1], index) for name, (keys, index) in _locations(kernel_leaves, module_names)}
     layers = peft_config.get("layers_to_transform")
     layers = [layers] if isinstance(layers, int) else layers
-    factors: dict[tuple, dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}
+    use_dora = bool(peft_config.get("use_dora"))
+    factors: dict[tuple, dict[int | None, tuple[np.ndarray, np.ndarray, np.ndarray | None]]] = {}
     settings: dict[tuple, dict[int | None, tuple[int, float]]] = {}
     used = set()
     for key in sorted(tensors):
@@ -336,19 +363,30 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
         if layers is not None and layer not in layers and name not in (peft_config.get("target_modules") or ()):
             raise ValueError(f"{directory}: {name} is outside layers_to_transform={layers}")
         n_in = _inputs(shape, a.shape[1], b.shape[0], name)
-        factors.setdefault(keys, {})[index] = (a.T.reshape(*shape[:n_in], r), b.T.reshape(r, *shape[n_in:]))
+        m = None
+        if use_dora:
+            m = _magnitude_tensor(directory, tensors, name, b.shape[0])
+            used.add(f"{PREFIX}{name}.{MAGNITUDE}")
+        factors.setdefault(keys, {})[index] = (
+            a.T.reshape(*shape[:n_in], r),
+            b.T.reshape(r, *shape[n_in:]),
+            None if m is None else m.reshape(shape[n_in:]),
+        )
         alpha = _pattern_value(peft_config.get("alpha_pattern"), name, float(peft_config["lora_alpha"]))
         settings.setdefault(keys, {})[index] = (r, alpha)
     if not factors:
         raise ValueError(f"{directory}: adapter_model.safetensors holds no lora_A / lora_B tensors")
     ranks, alphas = _one_setting_per_module(settings, config_file, module_names)
+    magnitudes = {}
     for keys, per_layer in factors.items():
         if None in per_layer:
-            a, b = per_layer[None]
+            a, b, magnitudes[keys] = per_layer[None]
         else:  # a stacked kernel: layers absent from the file get A = B = 0, an exact no-op
-            a0, b0 = next(iter(per_layer.values()))
-            stacked = [per_layer.get(i, (np.zeros_like(a0), np.zeros_like(b0))) for i in range(kernels[keys].shape[0])]
-            a, b = np.stack([x for x, _ in stacked]), np.stack([y for _, y in stacked])
+            a0, b0, _ = next(iter(per_layer.values()))
+            absent = (np.zeros_like(a0), np.zeros_like(b0), None)
+            stacked = [per_layer.get(i, absent) for i in range(kernels[keys].shape[0])]
+            a, b = np.stack([x for x, _, _ in stacked]), np.stack([y for _, y, _ in stacked])
+            magnitudes[keys] = [m for _, _, m in stacked]
         flat[(*keys, LORA_A)], flat[(*keys, LORA_B)] = a.astype(np.float32), b.astype(np.float32)
     saved_modules = _load_saved(directory, {k: v for k, v in tensors.items() if k not in used}, flat, module_names)
     r = int(peft_config["r"])
@@ -362,8 +400,32 @@ def load(directory: str | pathlib.Path, params: PyTree, module_names: ModuleName
         rank_pattern={re.escape(p): v for p, v in ranks.items() if v != r},
         alpha_pattern={re.escape(p): v for p, v in alphas.items() if not math.isclose(v, peft_config["lora_alpha"])},
         modules_to_save=sorted(saved_modules),
+        use_dora=use_dora,
     )
+    if use_dora:
+        for keys, m in magnitudes.items():
+            flat[(*keys, LORA_MAGNITUDE)] = _stacked_magnitude(m, flat, keys, config)
     return unflatten(flat), config
+
+
+def _magnitude_tensor(directory: pathlib.Path, tensors: Mapping[str, np.ndarray], name: str, fan_out: int):
+    """The DoRA magnitude of module `name`, checked to hold one value per output feature."""
+    key = f"{PREFIX}{name}.{MAGNITUDE}"
+    if key not in tensors:
+        raise ValueError(f"{directory}: adapter_config.json has use_dora=true but {name} has no {key}")
+    if tensors[key].shape != (fan_out,):
+        raise ValueError(f"{directory}: {key} has shape {tensors[key].shape}; {name} has {fan_out} outputs")
+    return tensors[key]
+
+
+def _stacked_magnitude(m: np.ndarray | list, flat: Mapping, keys: tuple, config: LoraConfig) -> np.ndarray:
+    """A module's magnitude as the tree holds it: `m`, or for a scanned stack the per-layer list
+    with ‖W‖ (`weight_norm` at A = B = 0) for the layers the file leaves out (None)."""
+    if not isinstance(m, list):
+        return m.astype(np.float32)
+    a, b = flat[(*keys, LORA_A)], flat[(*keys, LORA_B)]
+    norms = np.asarray(weight_norm(flat[(*keys, "kernel")], a, b, config.scale(path_str(keys), a.shape[-1])))
+    return np.stack([norms[i] if layer is None else layer for i, layer in enumerate(m)]).astype(np.float32)
 
 
 def _one_setting_per_module(

@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from jlora.config import LoraConfig
 from jlora.spec import KernelSpec, adapter_spec
-from jlora.tree import LORA_A, LORA_B, Keys, Leaf, PyTree, flatten, is_trainable, path_str, unflatten
+from jlora.tree import LORA_A, LORA_B, Keys, Leaf, PyTree, flatten, is_adapter, is_trainable, path_str, unflatten
 
 FORMATS = ("nf4", "int8", "bf16")
 NF4_BLOCK, STATS_BLOCK = 64, 256
@@ -400,7 +400,7 @@ DEFAULT_TARGETS = r"(?:.*/)?kernel"
 def _targeted(keys: Keys, leaf: Any, targets: str | Callable[[str, Any], bool]) -> bool:
     """A frozen weight of 2+ axes whose '/'-joined path (leaf name included) `targets`
     matches in full (a regex) or accepts (a predicate); adapters never are."""
-    if keys[-1] in (LORA_A, LORA_B) or is_quantized(leaf) or getattr(leaf, "ndim", 0) < 2:
+    if is_adapter(keys[-1]) or is_quantized(leaf) or getattr(leaf, "ndim", 0) < 2:
         return False
     path = path_str(keys)
     return targets(path, leaf) if callable(targets) else re.fullmatch(targets, path) is not None

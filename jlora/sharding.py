@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from jlora import quantize
 from jlora.spec import adapter_spec
-from jlora.tree import LORA_A, LORA_B, PyTree, flatten, path_str, unflatten
+from jlora.tree import LORA_A, LORA_B, LORA_MAGNITUDE, PyTree, flatten, path_str, unflatten
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
@@ -140,14 +140,15 @@ def param_shardings(params: PyTree, specs: PyTree, mesh: Mesh, rules: Sequence[t
 
 def adapter_specs(params: PyTree, specs: PyTree) -> PyTree:
     """`PartitionSpec`s for every leaf of an adapted tree `params`: each `lora_a` / `lora_b`
-    takes its kernel's, as the module docstring says (N-D and stacked kernels too); every
-    other leaf keeps its own from `specs` (a tree over the base parameters' paths). Kernels
-    are read unquantized: for a quantized tree, pass the shapes it stands for
-    (``jax.eval_shape(jlora.quantize.dequantize_tree, params)``) and their specs."""
+    takes its kernel's, as the module docstring says (N-D and stacked kernels too), DoRA's
+    `lora_magnitude` its output axes'; every other leaf keeps its own from `specs` (a tree
+    over the base parameters' paths). Kernels are read unquantized: for a quantized tree,
+    pass the shapes it stands for (``jax.eval_shape(jlora.quantize.dequantize_tree,
+    params)``) and their specs."""
     flat, given = flatten(params), flatten(specs)
     out = {}
     for keys in flat:
-        if keys[-1] not in (LORA_A, LORA_B):
+        if keys[-1] not in (LORA_A, LORA_B, LORA_MAGNITUDE):
             if keys not in given:
                 raise ValueError(f"adapter_specs: no PartitionSpec for {path_str(keys)}")
             out[keys] = given[keys]
@@ -157,10 +158,13 @@ def adapter_specs(params: PyTree, specs: PyTree) -> PyTree:
         layout = adapter_spec(kernel.shape, flat[(*module, LORA_A)].shape, flat[(*module, LORA_B)].shape)
         spec = tuple(given[(*module, "kernel")]) + (None,) * kernel.ndim
         stack = [spec[i] for i in layout.stack_axes]
+        outputs = [spec[i] for i in layout.out_axes]
         if keys[-1] == LORA_A:
             out[keys] = P(*stack, *(spec[i] for i in layout.in_axes), None)
-        else:
-            out[keys] = P(*stack, None, *(spec[i] for i in layout.out_axes))
+        elif keys[-1] == LORA_B:
+            out[keys] = P(*stack, None, *outputs)
+        else:  # DoRA's magnitude: one per output feature
+            out[keys] = P(*stack, *outputs)
     return unflatten(out)
 
 

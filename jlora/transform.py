@@ -1,4 +1,5 @@
-"""`init`: the parameter-tree transform that adds `lora_a` / `lora_b` beside kernels."""
+"""`init`: the parameter-tree transform that adds `lora_a` / `lora_b` (and DoRA's
+`lora_magnitude`) beside kernels."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import LoraConfig, suffix_match
+from jlora.merge import weight_norm
 from jlora.spec import InterleavedKernel, KernelSpec
-from jlora.tree import LORA_A, LORA_B, Keys, PyTree, flatten, path_str, unflatten
+from jlora.tree import LORA_A, LORA_B, LORA_MAGNITUDE, Keys, PyTree, flatten, path_str, unflatten
 
 
 def init(
@@ -28,6 +30,11 @@ def init(
     A and B come from each kernel, which is replaced by the residual ``W - s·A·B`` (computed
     in float32, cast to W's dtype): keep the returned tree, base included, and pass it as
     `initial` to `jlora.peft.export` to write an adapter for the original base.
+
+    With `use_dora`, each module also gets DoRA's ``lora_magnitude: (*stack, *out)``, the norm
+    of ``W + s·A·B`` (W itself at B = 0) over the input axes per output feature, as peft
+    initialises it (a quantized W is dequantized for it; init a QLoRA run after quantizing,
+    so that m is the norm of the weight the model uses).
 
     Args:
       params: a Linen ``params`` collection or the pure dict of an NNX state.
@@ -74,6 +81,8 @@ def init(
             if config.changes_base:
                 residual = _on_layers(layers, residual, kernel)
         flat[(*keys, LORA_A)], flat[(*keys, LORA_B)], flat[(*keys, "kernel")] = a, b, residual
+        if config.use_dora:
+            flat[(*keys, LORA_MAGNITUDE)] = weight_norm(residual, a, b, config.scale(path, r)).astype(config.dtype)
     return unflatten(flat)
 
 

@@ -15,6 +15,8 @@ from flax.core.meta import AxisMetadata
 from jlora.config import LoraConfig
 
 LORA_A, LORA_B = "lora_a", "lora_b"
+LORA_MAGNITUDE = "lora_magnitude"  # DoRA's trainable magnitude m beside A and B (`LoraConfig.use_dora`)
+ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_MAGNITUDE)
 Keys = tuple[Any, ...]
 PyTree = Any
 
@@ -79,12 +81,12 @@ def adapter_names(name: str) -> tuple[str, str]:
 
 
 def is_adapter(name: Any) -> bool:
-    """Whether a leaf named `name` is a LoRA factor under `adapter_names`' rule."""
-    return isinstance(name, str) and (name in (LORA_A, LORA_B) or name.endswith((f"_{LORA_A}", f"_{LORA_B}")))
+    """Whether a leaf named `name` is a LoRA factor under `adapter_names`' rule, or a DoRA magnitude."""
+    return isinstance(name, str) and (name in ADAPTER_LEAVES or name.endswith((f"_{LORA_A}", f"_{LORA_B}")))
 
 
 def is_trainable(keys: Keys, config: LoraConfig) -> bool:
-    """A LoRA factor, or any parameter inside a `modules_to_save` module."""
+    """A LoRA factor or DoRA magnitude, or any parameter inside a `modules_to_save` module."""
     return is_adapter(keys[-1]) or any(config.saves(path_str(keys[:i])) for i in range(1, len(keys)))
 
 
@@ -123,9 +125,10 @@ def trainable_mask(params: PyTree, config: LoraConfig) -> PyTree:
 
 
 def adapted_modules(params: PyTree) -> dict[Keys, dict[str, Any]]:
-    """``{module keys: {'kernel': W, 'lora_a': A, 'lora_b': B}}`` for every adapted module."""
+    """``{module keys: {'kernel': W, 'lora_a': A, 'lora_b': B}}`` for every adapted module
+    (and ``'lora_magnitude': m`` where DoRA put one)."""
     modules: dict[Keys, dict[str, Any]] = {}
     for keys, leaf in flatten(params).items():
-        if keys[-1] in ("kernel", LORA_A, LORA_B):
+        if keys[-1] in ("kernel", *ADAPTER_LEAVES):
             modules.setdefault(keys[:-1], {})[keys[-1]] = leaf
     return {keys: leaves for keys, leaves in modules.items() if LORA_A in leaves}

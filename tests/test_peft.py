@@ -71,16 +71,13 @@ def test_peft_adapters_import_with_equal_outputs(llama, tmp_path):
 
 def test_unsupported_fields_and_unknown_modules_are_named(llama, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(llama)
-    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)).save_pretrained(
-        tmp_path / "dora"
-    )
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
     pretrained = jlora.models.load(llama, tokenizer=False)
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
-        jlora.peft.load(tmp_path / "dora", pretrained.params, hf_module_name)
-    config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
-    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False, "bias": "all"}))
-    with pytest.raises(ValueError, match="bias='all' is not supported"):
-        jlora.peft.load(tmp_path / "dora", pretrained.params, hf_module_name)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    for field, value in (("fan_in_fan_out", True), ("bias", "all")):
+        (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(ValueError, match=f"{field}={value!r} is not supported"):
+            jlora.peft.load(tmp_path / "lora", pretrained.params, hf_module_name)
 
 
 def test_bert_classifier_export_with_modules_to_save_loads_in_peft(tmp_path):
