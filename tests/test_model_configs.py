@@ -1,7 +1,12 @@
 """Drawn transformers configs of each supported family: jlora's loader reproduces the
 PyTorch model (logits within 1e-4 in float32) or refuses, naming the config field, and a
 config that loads survives jlora's export (`hf_config`) unchanged. Also the checkpoint
-shapes the loader used to get wrong: Qwen2's per-layer windows, BERT pre-training heads."""
+shapes the loader used to get wrong: Qwen2's per-layer windows, BERT pre-training heads.
+
+Qwen3 and Gemma 2 / 3 are drawn apart from Llama, Mistral and Qwen2 (each group gets its
+draws): sizes, heads and KV heads, biases, windows and layer patterns, soft-caps, query
+scales, Gemma 3's per-layer-type RoPE, tying, and an initializer range large enough that
+soft-caps and q/k norms change the logits."""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 import jlora.models  # noqa: E402
 from jlora.models.bert import BertConfig  # noqa: E402
 from jlora.models.export import hf_config  # noqa: E402
-from jlora.models.llama import LlamaConfig  # noqa: E402
+from jlora.models.llama import LAYER_TYPES, LlamaConfig  # noqa: E402
 from tests.test_parity import ATOL, batch, save, torch_logits  # noqa: E402
 
 DRAWS = 30  # per family group; `-m slow` draws 10x more
@@ -28,7 +33,15 @@ DECODERS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+    "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
 }
+GEMMA = ("gemma2", "gemma3_text")
+# the fields a draw may set to a value jlora refuses (see `odd_fields`), by family
+ODD = {family: ["hidden_act", "attention_dropout"] for family in DECODERS}
+ODD["gemma2"] = [*ODD["gemma2"], "use_bidirectional_attention", "layer_types"]
+ODD["gemma3_text"] = [*ODD["gemma2"], "sliding_attention.rope_type"]
 
 
 def rope_parameters(draw) -> dict:
@@ -45,9 +58,9 @@ def rope_parameters(draw) -> dict:
 
 
 @st.composite
-def decoder_configs(draw) -> tuple[str, dict, str | None]:
+def decoder_configs(draw, families: tuple[str, ...]) -> tuple[str, dict, str | None]:
     """(family, transformers config kwargs, the field jlora must refuse or None)."""
-    family = draw(st.sampled_from(list(DECODERS)))
+    family = draw(st.sampled_from(families))
     kv_heads = draw(st.sampled_from([1, 2]))
     layers = draw(st.integers(1, 3))
     kwargs = {
@@ -67,18 +80,63 @@ def decoder_configs(draw) -> tuple[str, dict, str | None]:
         kwargs |= {"attention_bias": draw(st.booleans()), "mlp_bias": draw(st.booleans())}
     elif family == "mistral":
         kwargs["sliding_window"] = draw(st.sampled_from([None, 3, 6]))
-    else:
+    elif family in ("qwen2", "qwen3"):
         kwargs |= {
             "use_sliding_window": draw(st.booleans()),
             "sliding_window": draw(st.sampled_from([3, 6])),
             "max_window_layers": draw(st.integers(0, layers)),
         }
-    refused = None if kwargs["rope_parameters"]["rope_type"] != "dynamic" else "rope_type"
-    odd = draw(st.sampled_from([None] * 6 + ["hidden_act", "attention_dropout"]))
+    if family in ("qwen3", *GEMMA):
+        kwargs |= {"attention_bias": draw(st.booleans()), "initializer_range": draw(st.sampled_from([0.02, 0.3]))}
+    if family in GEMMA:
+        kwargs |= gemma_fields(draw, family, layers, kwargs.pop("rope_parameters"))
+    refused = None if rope_type(kwargs) != "dynamic" else "rope_type"
+    kinds = ODD[family]
+    odd = draw(st.sampled_from([None] * 3 * len(kinds) + kinds))
     if odd is not None:
-        kwargs |= {"hidden_act": "gelu"} if odd == "hidden_act" else {"attention_dropout": 0.1}
+        kwargs |= odd_fields(family, odd, kwargs)
         refused = refused or odd
     return family, kwargs, refused
+
+
+def odd_fields(family: str, odd: str, kwargs: dict) -> dict:
+    """Config fields that make jlora refuse, naming `odd`."""
+    if odd == "hidden_act":
+        return {"hidden_activation" if family in GEMMA else "hidden_act": "gelu"}
+    if odd == "attention_dropout":
+        return {"attention_dropout": 0.1}
+    if odd == "use_bidirectional_attention":
+        return {"use_bidirectional_attention": True}
+    if odd == "layer_types":  # sliding layers with no window
+        return {"layer_types": ["sliding_attention"] * kwargs["num_hidden_layers"], "sliding_window": None}
+    sliding = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}  # sliding_attention.rope_type
+    return {"rope_parameters": {**kwargs["rope_parameters"], "sliding_attention": sliding}}
+
+
+def gemma_fields(draw, family: str, layers: int, rope: dict) -> dict:
+    """Gemma's own fields: window and layer pattern (drawn layer_types, or Gemma 3's
+    sliding_window_pattern, or the default), query scale, soft-caps, Gemma 3's RoPE per layer type."""
+    fields = {
+        "sliding_window": draw(st.sampled_from([3, 6])),
+        "query_pre_attn_scalar": draw(st.sampled_from([8, 5])),
+        "attn_logit_softcapping": draw(st.sampled_from([None, 2.0, 50.0])),
+        "final_logit_softcapping": draw(st.sampled_from([None, 3.0, 30.0])),
+        "rope_parameters": rope,
+    }
+    pattern = draw(st.sampled_from(["default", "layer_types", "sliding_window_pattern"]))
+    if pattern == "layer_types":
+        fields["layer_types"] = draw(st.lists(st.sampled_from(LAYER_TYPES), min_size=layers, max_size=layers))
+    elif pattern == "sliding_window_pattern" and family == "gemma3_text":
+        fields["sliding_window_pattern"] = draw(st.integers(1, 3))
+    if family == "gemma3_text":
+        local = {"rope_type": "default", "rope_theta": draw(st.sampled_from([10000.0, 100.0]))}
+        fields["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+    return fields
+
+
+def rope_type(kwargs: dict) -> str:
+    rope = kwargs["rope_parameters"]
+    return rope.get("full_attention", rope)["rope_type"]
 
 
 def assert_refused(directory, field: str, **kwargs) -> None:
@@ -104,7 +162,8 @@ def more(request) -> int:
     return 10 * DRAWS
 
 
-DECODER_DRAWS = st.tuples(decoder_configs(), st.booleans(), st.sampled_from(["right", "left"]))
+def decoder_draws(*families: str):
+    return st.tuples(decoder_configs(families), st.booleans(), st.sampled_from(["right", "left"]))
 
 
 def check_decoder(case) -> None:
@@ -184,7 +243,11 @@ def check_bert(case) -> None:
         assert BertConfig.from_hf(hf_config(pretrained.config, model_cls.__name__)) == pretrained.config
 
 
-CHECKS = {"decoders": (DECODER_DRAWS, check_decoder), "bert": (BERT_DRAWS, check_bert)}
+CHECKS = {
+    "decoders": (decoder_draws("llama", "mistral", "qwen2"), check_decoder),
+    "qwen3-gemma": (decoder_draws("qwen3", *GEMMA), check_decoder),
+    "bert": (BERT_DRAWS, check_bert),
+}
 
 
 @pytest.mark.filterwarnings("ignore")  # transformers' notes on unusual RoPE, a fresh pooler
@@ -224,6 +287,29 @@ def test_qwen2_windows_only_the_layers_its_layer_types_name(tmp_path):
     ours = np.asarray(pretrained.model.apply({"params": pretrained.params}, ids, mask, positions))
     valid = mask.astype(bool)
     np.testing.assert_allclose(ours[valid], torch_logits(reference, ids, mask, positions)[valid], atol=ATOL)
+
+
+@pytest.mark.parametrize("odd", ["use_bidirectional_attention", "layer_types", "sliding_attention.rope_type"])
+def test_gemma_fields_jlora_cannot_honour_are_refused_by_name(tmp_path, odd):
+    """The Gemma refusals the draws reach only now and then: bidirectional attention, sliding
+    layers without a window, a scaled RoPE on Gemma 3's sliding layers."""
+    kwargs = {
+        "vocab_size": 61,
+        "hidden_size": 16,
+        "intermediate_size": 20,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "sliding_window": 4,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    }
+    kwargs |= odd_fields("gemma3_text", odd, kwargs)
+    save(tmp_path, transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, kwargs)
+    assert_refused(tmp_path, odd)
 
 
 def test_bert_pretraining_checkpoint_loads_as_the_encoder(tmp_path):

@@ -66,6 +66,54 @@ CASES = {
             "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
         },
     ),
+    # per-head q/k norms, head_dim 16 != hidden / heads, a window on the layers after the first;
+    # initializer_range 0.3 makes attention scores large enough that the norms matter
+    "qwen3": (
+        transformers.Qwen3Config,
+        transformers.Qwen3ForCausalLM,
+        {
+            **LLAMA,
+            "head_dim": 16,
+            "num_key_value_heads": 2,
+            "use_sliding_window": True,
+            "sliding_window": 4,
+            "max_window_layers": 1,
+            "initializer_range": 0.3,
+        },
+    ),
+    # (1 + weight) norms before and after attention and MLP, scaled embeddings, GeGLU, alternating
+    # sliding / global layers, a query scale of 12 (not head_dim), attention and final soft-capping
+    # that bite (initializer_range 0.3: scores and logits of several units), tied embeddings
+    "gemma2": (
+        transformers.Gemma2Config,
+        transformers.Gemma2ForCausalLM,
+        {
+            **LLAMA,
+            "num_key_value_heads": 2,
+            "sliding_window": 4,
+            "query_pre_attn_scalar": 12,
+            "attn_logit_softcapping": 3.0,
+            "final_logit_softcapping": 5.0,
+            "initializer_range": 0.3,
+        },
+    ),
+    # q/k norms, every other layer sliding with its own RoPE base, linear scaling on the global
+    # layers' RoPE, untied embeddings
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        transformers.Gemma3ForCausalLM,
+        {
+            **LLAMA,
+            "num_key_value_heads": 1,
+            "sliding_window": 4,
+            "sliding_window_pattern": 2,
+            "tie_word_embeddings": False,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        },
+    ),
 }
 
 
@@ -113,7 +161,9 @@ def test_causal_lm_matches_transformers(tmp_path, family, padding_side):
         pretrained = jlora.models.load(tmp_path, scan=scan, tokenizer=False)
         logits[scan] = np.asarray(pretrained.model.apply({"params": pretrained.params}, ids, mask, positions))
         np.testing.assert_allclose(logits[scan][valid], expected[valid], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(logits[True][valid], logits[False][valid], atol=1e-6, rtol=0)
+    # the same sums in another order: float32 rounding, relative to the logits' scale
+    tolerance = 1e-6 * max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(logits[True][valid], logits[False][valid], atol=tolerance, rtol=0)
 
 
 def test_bert_classifier_matches_transformers(tmp_path):
@@ -180,3 +230,29 @@ def test_bfloat16_compute_stays_close_to_float32(tmp_path):
     assert b.dtype == np.float32
     # bf16 activations (8-bit mantissa) through 3 layers: a few percent of the logit scale
     np.testing.assert_allclose(b[mask.astype(bool)], a[mask.astype(bool)], atol=0.05 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_peft_adapter_on_the_new_families_imports_with_equal_outputs(tmp_path, family):
+    """A peft LoRA adapter made on transformers' Qwen3 / Gemma 3 (its q_proj … down_proj names)
+    imports into jlora's model with peft's logits."""
+    peft = pytest.importorskip("peft")
+    import jlora.peft
+
+    config_cls, model_cls, kwargs = CASES[family]
+    save(tmp_path / "base", config_cls, model_cls, kwargs)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    base = model_cls.from_pretrained(tmp_path / "base")
+    peft.get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+    reference = peft.PeftModel.from_pretrained(model_cls.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    ids, mask = batch(kwargs["vocab_size"], "left")
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    expected = torch_logits(reference.eval(), ids, mask, positions)
+    pretrained = jlora.models.load(tmp_path / "base", tokenizer=False)
+    params, config = jlora.peft.load(tmp_path / "adapter", pretrained.params, jlora.models.hf_module_name)
+    ours = np.asarray(jlora.apply(pretrained.model, params, config, ids, mask, positions))
+    valid = mask.astype(bool)
+    plain = np.asarray(pretrained.model.apply({"params": pretrained.params}, ids, mask, positions))
+    assert not np.allclose(ours[valid], plain[valid], atol=1e-3)  # the adapter changes the outputs
+    np.testing.assert_allclose(ours[valid], expected[valid], atol=ATOL, rtol=0)

@@ -13,12 +13,20 @@ import numpy as np
 
 import jlora
 from jlora.models.bert import BertConfig
-from jlora.models.llama import LlamaConfig
+from jlora.models.llama import ATTENTION_BIAS, GEMMA, LlamaConfig
 from jlora.models.loading import hf_name
 from jlora.staging import staged
 from jlora.tree import flatten, path_str
 
-HF_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "bert": "BertConfig"}
+HF_CLASSES = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "gemma2": "Gemma2Config",
+    "gemma3_text": "Gemma3TextConfig",
+    "bert": "BertConfig",
+}
 
 
 def unstack_layers(params: dict, model: nn.Module) -> dict:
@@ -59,6 +67,22 @@ def hf_config(config: LlamaConfig | BertConfig, architecture: str):
             classifier_dropout=config.classifier_dropout,
             num_labels=config.num_labels,
         )
+    return getattr(transformers, HF_CLASSES[config.model_type])(
+        **common,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=hf_rope(config),
+        tie_word_embeddings=config.tie_word_embeddings,
+        **family_fields(config),
+    )
+
+
+def hf_rope(config: LlamaConfig) -> dict:
+    """transformers' ``rope_parameters`` for `config` (for Gemma 3, one per layer type)."""
     rope = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
     if config.rope_type != "default":
         rope["factor"] = config.rope_factor
@@ -76,26 +100,36 @@ def hf_config(config: LlamaConfig | BertConfig, architecture: str):
             "truncate": config.rope_truncate,
             "attention_factor": config.rope_attention_factor,
         }
-    extra = {} if config.model_type == "qwen2" else {"attention_bias": config.o_bias}
-    if config.model_type == "llama":
+    if config.model_type != "gemma3_text":
+        return rope
+    local = rope if config.rope_local_theta is None else {"rope_type": "default", "rope_theta": config.rope_local_theta}
+    return {"full_attention": rope, "sliding_attention": local}
+
+
+def family_fields(config: LlamaConfig) -> dict:
+    """The family-specific transformers config fields that `LlamaConfig.from_hf` reads back."""
+    family, gemma = config.model_type, config.model_type in GEMMA
+    extra = {"hidden_activation" if gemma else "hidden_act": config.hidden_act}
+    if family in ATTENTION_BIAS:
+        extra["attention_bias"] = config.o_bias
+    if family == "llama":
         extra["mlp_bias"] = config.mlp_bias
-    if config.model_type == "mistral":
+    if family == "mistral":
         extra["sliding_window"] = config.sliding_window
-    if config.model_type == "qwen2" and config.sliding_window is not None:
-        extra |= {"use_sliding_window": True, "sliding_window": config.sliding_window}
-        extra["layer_types"] = list(config.layer_types or ("sliding_attention",) * config.num_layers)
-    return getattr(transformers, HF_CLASSES[config.model_type])(
-        **common,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_parameters=rope,
-        tie_word_embeddings=config.tie_word_embeddings,
-        **extra,
-    )
+    default_type = "full_attention" if config.sliding_window is None else "sliding_attention"
+    layer_types = list(config.layer_types or (default_type,) * config.num_layers)
+    if family in ("qwen2", "qwen3") and config.sliding_window is not None:
+        extra |= {"use_sliding_window": True, "sliding_window": config.sliding_window, "layer_types": layer_types}
+    if gemma:
+        extra |= {
+            "sliding_window": config.sliding_window,
+            "layer_types": layer_types,
+            "query_pre_attn_scalar": config.query_pre_attn_scalar,
+            "final_logit_softcapping": config.final_logit_softcapping,
+        }
+    if family == "gemma2":
+        extra["attn_logit_softcapping"] = config.attn_logit_softcapping
+    return extra
 
 
 def hf_tensors(model: nn.Module, params: dict) -> dict[str, np.ndarray]:

@@ -59,22 +59,59 @@ def norm(kind: type[nn.RMSNorm] | type[nn.LayerNorm], epsilon: float, dtype: Dty
     return kind(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name, **inits)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis, in float32, scaled by ``offset + scale``: Llama's norms have
+    offset 0 (the scale starts at 1); Gemma's store the scale minus one (offset 1, starting at 0).
+    `axis_name` is the scale's logical axis (``head_dim`` for per-head q/k norms)."""
+
+    epsilon: float
+    offset: float = 0.0
+    axis_name: str = "embed"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros_init() if self.offset else nn.initializers.ones_init()
+        partitioned = nn.with_logical_partitioning(init, (self.axis_name,))
+        scale = self.param("scale", partitioned, (x.shape[-1],), self.param_dtype)
+        x = x.astype(jnp.float32)
+        normed = x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.epsilon)
+        return (normed * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
+
+
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dropout: Callable[[jax.Array], jax.Array] | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    dropout: Callable[[jax.Array], jax.Array] | None = None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Softmax attention in float32 with grouped KV heads (no repeated K/V in memory).
 
     q (B, T, H, D), k and v (B, S, K, D) with H a multiple of K, mask (B, T, S) bool;
-    `dropout`, if given, is applied to the attention probabilities."""
+    `dropout`, if given, is applied to the attention probabilities. Scores are scaled by
+    `scale` (default D ** -0.5) and, with `softcap`, squashed to ``softcap * tanh(s / softcap)``
+    before masking (Gemma 2)."""
     b, t, h, d = q.shape
     groups = h // k.shape[2]
     q = q.reshape(b, t, k.shape[2], groups, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d**-0.5 if scale is None else scale)
+    scores = tanh_cap(scores, softcap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = (probs if dropout is None else dropout(probs)).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def tanh_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)``: `x` squashed into (-cap, cap) (Gemma's soft-capping); `x` itself without a cap."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 def causal_mask(
@@ -135,7 +172,7 @@ def run_layers(
     name: str,
     x: jax.Array,
     *args,
-    per_layer: Sequence[jax.Array] = (),
+    per_layer: Sequence[Any] = (),
     remat: bool = False,
     **block_kwargs,
 ) -> jax.Array:
@@ -143,16 +180,18 @@ def run_layers(
     ``{name}_0``, ``{name}_1``, … (the Hugging Face layout), or one `nn.scan` named
     `name` whose parameters and cache carry a leading ``layers`` axis (faster compiles).
     Blocks take a ``scanned`` attribute and then return ``(x, None)``; `args` are
-    broadcast to every layer; each array of `per_layer` has a leading axis of `n_layers` and
-    layer i gets its row i (after `args`). With `remat`, each block keeps only its input for the
-    backward pass and recomputes the rest (`nn.remat`): activation memory of one layer
-    instead of all, for about one more forward pass; Python bools in `args` stay static.
+    broadcast to every layer; each entry of `per_layer` (an array, or a pytree of them) has a
+    leading axis of `n_layers` and layer i gets its row i (after `args`). With `remat`, each
+    block keeps only its input for the backward pass and recomputes the rest (`nn.remat`):
+    activation memory of one layer instead of all, for about one more forward pass; Python
+    bools in `args` stay static.
     Use it with `scan`: unrolled, XLA may schedule the recomputation early and keep as much."""
     if remat:
         block = nn.remat(block, static_argnums=tuple(2 + i for i, a in enumerate(args) if isinstance(a, bool)))
     if not scan:
         for i in range(n_layers):
-            x = block(**block_kwargs, name=f"{name}_{i}")(x, *args, *(a[i] for a in per_layer))
+            rows = (jax.tree.map(lambda a, i=i: a[i], tree) for tree in per_layer)
+            x = block(**block_kwargs, name=f"{name}_{i}")(x, *args, *rows)
         return x
     stack = nn.scan(
         block,

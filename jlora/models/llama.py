@@ -1,4 +1,9 @@
-"""The Llama family in Flax Linen: Llama 2/3, SmolLM2, Mistral and Qwen2.
+"""The Llama family in Flax Linen: Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3.
+
+One decoder with options covers them all (`LlamaConfig`): per-head q/k norms (Qwen3, Gemma 3),
+norms scaled by ``1 + weight``, embeddings scaled by sqrt(hidden_size), norms after attention
+and the MLP as well as before, GeGLU, a query scale, attention and final logit soft-capping
+(Gemma), per-layer sliding windows and a separate RoPE base for sliding layers (Gemma 3).
 
 Module names and nesting follow Hugging Face's (``model/layers_3/self_attn/q_proj``,
 ``model/layers_3/mlp/gate_proj``, ``lm_head``), so peft target lists work unchanged and a
@@ -8,6 +13,7 @@ parameter path maps to its checkpoint tensor by replacing ``/`` with ``.``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -16,17 +22,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.models.layers import KVCache, attention, causal_mask, dense, norm, run_layers
+from jlora.models.layers import KVCache, RMSNorm, attention, causal_mask, dense, run_layers, tanh_cap
 
 Dtype = Any
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 NO_WINDOW = np.iinfo(np.int32).max  # the window of a full-attention layer
+ACTIVATIONS = {"silu": nn.silu, "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True)}
+GEMMA = ("gemma2", "gemma3_text")
+# the families whose transformers model reads `attention_bias` (on q, k, v and o)
+ATTENTION_BIAS = ("llama", "qwen3", *GEMMA)
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """The architecture; `from_hf` reads it from a Hugging Face config."""
+    """The architecture; `from_hf` reads it from a Hugging Face config.
+
+    Beyond Llama's: `hidden_act` of the MLP's gate; `qk_norm`, an RMSNorm over each head of q
+    and k before RoPE; `norm_offset`, added to every RMSNorm's weight (Gemma: 1); `scale_embeddings`
+    by sqrt(hidden_size); `sandwich_norms`, norms on the attention and MLP outputs too (Gemma's
+    post_attention_layernorm, pre_/post_feedforward_layernorm); `query_pre_attn_scalar`, scores
+    scaled by its inverse square root instead of head_dim's; soft-capping of attention scores
+    and of the logits; `rope_local_theta`, the base of a default RoPE for sliding layers."""
 
     vocab_size: int
     hidden_size: int
@@ -53,6 +70,15 @@ class LlamaConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None  # which layers the window applies to (None: all)
     model_type: str = "llama"
+    hidden_act: str = "silu"
+    qk_norm: bool = False
+    norm_offset: float = 0.0
+    scale_embeddings: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    rope_local_theta: float | None = None  # sliding layers' RoPE (None: the global one)
 
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
@@ -63,19 +89,18 @@ class LlamaConfig:
             len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES)
         ):
             raise ValueError(f"layer_types {self.layer_types} must give one of {LAYER_TYPES} per layer")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; jlora supports {list(ACTIVATIONS)}")
 
     @classmethod
     def from_hf(cls, hf: Any) -> LlamaConfig:
-        """From a transformers config object (Llama, Mistral or Qwen2)."""
-        rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
-        heads = hf.num_attention_heads
-        is_llama, is_qwen2 = hf.model_type == "llama", hf.model_type == "qwen2"
-        # as transformers: only Llama reads attention_bias / mlp_bias (Qwen2 has q/k/v biases,
-        # Mistral none); Mistral puts its window on every layer, Qwen2 on its layer_types' sliding ones
-        attention_bias = is_llama and bool(getattr(hf, "attention_bias", False))
-        window = None if is_llama or not getattr(hf, "use_sliding_window", True) else hf.sliding_window
-        if hf.hidden_act != "silu":
-            raise ValueError(f"hidden_act {hf.hidden_act!r} is not supported; the Llama family uses 'silu'")
+        """From a transformers config object (Llama, Mistral, Qwen2, Qwen3, Gemma 2 or Gemma 3 text),
+        with the fields each family's model reads (`jlora.models.loading.check_hf_config` refuses the rest)."""
+        family, heads = hf.model_type, hf.num_attention_heads
+        gemma = family in GEMMA
+        rope, local_rope = hf_ropes(hf)
+        attention_bias = family in ATTENTION_BIAS and bool(getattr(hf, "attention_bias", False))
+        window, layer_types = hf_windows(hf)
         return cls(
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
@@ -96,17 +121,27 @@ class LlamaConfig:
             rope_truncate=rope.get("truncate", True),
             rope_attention_factor=yarn_attention_factor(rope) if rope.get("rope_type") == "yarn" else 1.0,
             tie_word_embeddings=bool(hf.tie_word_embeddings),
-            qkv_bias=attention_bias or is_qwen2,
+            qkv_bias=attention_bias or family == "qwen2",
             o_bias=attention_bias,
-            mlp_bias=is_llama and bool(getattr(hf, "mlp_bias", False)),
+            mlp_bias=family == "llama" and bool(getattr(hf, "mlp_bias", False)),
             sliding_window=window,
-            layer_types=tuple(hf.layer_types) if is_qwen2 and window is not None else None,
-            model_type=hf.model_type,
+            layer_types=layer_types,
+            model_type=family,
+            hidden_act=hf.hidden_activation if gemma else hf.hidden_act,
+            qk_norm=family in ("qwen3", "gemma3_text"),
+            norm_offset=1.0 if gemma else 0.0,
+            scale_embeddings=gemma,
+            sandwich_norms=gemma,
+            query_pre_attn_scalar=hf.query_pre_attn_scalar if gemma else None,
+            # Gemma 3's model keeps attn_logit_softcapping but never applies it
+            attn_logit_softcapping=hf.attn_logit_softcapping if family == "gemma2" else None,
+            final_logit_softcapping=hf.final_logit_softcapping if gemma else None,
+            rope_local_theta=None if local_rope is None else local_rope["rope_theta"],
         )
 
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies, with the config's scaling (as transformers computes them)."""
-        inv = 1.0 / self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
+        inv = default_inv_freq(self.rope_theta, self.head_dim)
         if self.rope_type == "linear":
             return inv / self.rope_factor
         if self.rope_type == "llama3":
@@ -142,6 +177,52 @@ class LlamaConfig:
         window = NO_WINDOW if self.sliding_window is None else self.sliding_window
         return np.array([window if t == "sliding_attention" else NO_WINDOW for t in sliding], np.int32)
 
+    def ropes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The RoPEs' inverse frequencies (R, head_dim / 2) and cos/sin scales (R,): the global
+        one, then with `rope_local_theta` the sliding layers' one."""
+        if self.rope_local_theta is None:
+            return self.inv_freq()[None], np.array([self.rope_attention_factor])
+        local = default_inv_freq(self.rope_local_theta, self.head_dim)
+        return np.stack([self.inv_freq(), local]), np.array([self.rope_attention_factor, 1.0])
+
+    def per_layer(self) -> dict[str, np.ndarray]:
+        """What differs between layers, one row per layer (passed through `run_layers`, so that a
+        scanned stack shares one program): the window (with one) and the RoPE's index in `ropes`
+        (with a local RoPE)."""
+        out = {} if self.sliding_window is None else {"window": self.layer_windows()}
+        if self.rope_local_theta is not None:
+            sliding = self.layer_types or ("sliding_attention",) * self.num_layers
+            out["rope"] = np.array([t == "sliding_attention" for t in sliding], np.int32)
+        return out
+
+
+def default_inv_freq(theta: float, head_dim: int) -> np.ndarray:
+    """Unscaled RoPE inverse frequencies of base `theta`."""
+    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
+def hf_ropes(hf: Any) -> tuple[dict, dict | None]:
+    """A transformers config's RoPE parameters: the global ones, and the sliding layers' own
+    (Gemma 3's ``rope_parameters`` by layer type; None elsewhere)."""
+    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    if hf.model_type == "gemma3_text":
+        return dict(rope["full_attention"]), dict(rope["sliding_attention"])
+    return rope, None
+
+
+def hf_windows(hf: Any) -> tuple[int | None, tuple[str, ...] | None]:
+    """(sliding window, layer types) as each family's transformers model applies them: Llama has
+    none; Mistral windows every layer; Qwen2 and Qwen3 the sliding ones of their layer_types,
+    with use_sliding_window; Gemma the sliding ones of its layer_types."""
+    if hf.model_type == "llama":
+        return None, None
+    if hf.model_type == "mistral":
+        return hf.sliding_window, None
+    if hf.model_type in GEMMA:
+        return hf.sliding_window, tuple(hf.layer_types)
+    window = hf.sliding_window if getattr(hf, "use_sliding_window", True) else None
+    return window, None if window is None else tuple(hf.layer_types)
+
 
 def yarn_attention_factor(rope: dict) -> float:
     """YaRN's scale of cos and sin: `attention_factor`, or derived from `factor` (and `mscale`)."""
@@ -159,8 +240,8 @@ def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
-def rms_norm(config: LlamaConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.RMSNorm:
-    return norm(nn.RMSNorm, config.rms_norm_eps, dtype, param_dtype, name)
+def rms_norm(config: LlamaConfig, dtype: Dtype, param_dtype: Dtype, name: str, axis_name: str = "embed") -> RMSNorm:
+    return RMSNorm(config.rms_norm_eps, config.norm_offset, axis_name, dtype, param_dtype, name=name)
 
 
 class LlamaAttention(nn.Module):
@@ -179,12 +260,18 @@ class LlamaAttention(nn.Module):
         v = dense(
             (c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, name="v_proj", **kw
         )
-        q, k, v = rope(q(x), cos, sin), rope(k(x), cos, sin), v(x)
+        q, k, v = q(x), k(x), v(x)
+        if c.qk_norm:  # per head, before RoPE
+            q = rms_norm(c, name="q_norm", axis_name="head_dim", **kw)(q)
+            k = rms_norm(c, name="k_norm", axis_name="head_dim", **kw)(k)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         if self.decode:
             k, v, key_valid, slots = KVCache(name="cache")(k, v, mask)
         else:
             key_valid, slots = mask, jnp.arange(x.shape[1])[None]
-        h = attention(q, k, v, causal_mask(slots, key_valid, window, segment_ids))
+        scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
+        visible = causal_mask(slots, key_valid, window, segment_ids)
+        h = attention(q, k, v, visible, scale=scale, softcap=c.attn_logit_softcapping)
         out = dense(
             c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=c.o_bias, name="o_proj", **kw
         )
@@ -201,10 +288,14 @@ class LlamaMLP(nn.Module):
         c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype, "use_bias": self.config.mlp_bias}
         gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
-        return dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(nn.silu(gate) * up)
+        return dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(ACTIVATIONS[c.hidden_act](gate) * up)
 
 
 class LlamaBlock(nn.Module):
+    """Pre-norm attention and MLP, each added to the residual; with `sandwich_norms` their
+    outputs are normed too (Gemma: post_attention_layernorm is then the attention output's norm
+    and pre_feedforward_layernorm the MLP input's)."""
+
     config: LlamaConfig
     dtype: Dtype
     param_dtype: Dtype
@@ -212,11 +303,22 @@ class LlamaBlock(nn.Module):
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, segment_ids, cos, sin, window=None):
-        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        attn = LlamaAttention(self.config, decode=self.decode, name="self_attn", **kw)
-        x = x + attn(rms_norm(self.config, name="input_layernorm", **kw)(x), mask, segment_ids, cos, sin, window)
-        x = x + LlamaMLP(self.config, name="mlp", **kw)(rms_norm(self.config, name="post_attention_layernorm", **kw)(x))
+    def __call__(self, x, mask, segment_ids, cos, sin, layer=None):
+        c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        layer = layer or {}
+        index = layer.get("rope", 0)  # cos and sin are stacked over the config's RoPEs
+        attn = LlamaAttention(c, decode=self.decode, name="self_attn", **kw)
+        h = attn(
+            rms_norm(c, name="input_layernorm", **kw)(x), mask, segment_ids, cos[index], sin[index], layer.get("window")
+        )
+        if c.sandwich_norms:
+            h = rms_norm(c, name="post_attention_layernorm", **kw)(h)
+        x = x + h
+        pre_mlp = "pre_feedforward_layernorm" if c.sandwich_norms else "post_attention_layernorm"
+        h = LlamaMLP(c, name="mlp", **kw)(rms_norm(c, name=pre_mlp, **kw)(x))
+        if c.sandwich_norms:
+            h = rms_norm(c, name="post_feedforward_layernorm", **kw)(h)
+        x = x + h
         return (x, None) if self.scanned else x
 
 
@@ -232,18 +334,32 @@ class LlamaModel(nn.Module):
         c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype}
         embed_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
         x = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=embed_init, name="embed_tokens", **kw)(input_ids)
-        angles = positions[..., None].astype(jnp.float32) * jnp.asarray(c.inv_freq(), jnp.float32)
-        angles = jnp.concatenate([angles, angles], axis=-1)
-        scale = c.rope_attention_factor
-        cos, sin = (jnp.cos(angles) * scale).astype(self.dtype), (jnp.sin(angles) * scale).astype(self.dtype)
+        if c.scale_embeddings:  # the scale rounded to the embedding's dtype, as transformers does
+            x = x * jnp.asarray(math.sqrt(c.hidden_size), self.param_dtype).astype(x.dtype)
+        cos, sin = rope_tables(c, positions, self.dtype)
         block_kwargs = {"config": c, "decode": decode, **kw}
-        # each layer's window, traced (a scanned stack shares one program); none without windows
-        windows = () if c.sliding_window is None else (jnp.asarray(c.layer_windows()),)
+        layer = jax.tree.map(jnp.asarray, c.per_layer())  # traced: a scanned stack shares one program
         args = (x, attention_mask, segment_ids, cos, sin)
         x = run_layers(
-            LlamaBlock, c.num_layers, self.scan, "layers", *args, per_layer=windows, remat=self.remat, **block_kwargs
+            LlamaBlock,
+            c.num_layers,
+            self.scan,
+            "layers",
+            *args,
+            per_layer=(layer,) if layer else (),
+            remat=self.remat,
+            **block_kwargs,
         )
         return rms_norm(c, name="norm", **kw)(x)
+
+
+def rope_tables(config: LlamaConfig, positions: jax.Array, dtype: Dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin (R, B, T, head_dim) of each of the config's RoPEs at `positions` (B, T)."""
+    inv_freq, scales = config.ropes()
+    angles = positions[None, ..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)[:, None, None]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    scales = jnp.asarray(scales, jnp.float32)[:, None, None, None]
+    return (jnp.cos(angles) * scales).astype(dtype), (jnp.sin(angles) * scales).astype(dtype)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -293,8 +409,14 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             embedding = nn.meta.unbox(model.variables["params"]["embed_tokens"]["embedding"])
             dims = (((hidden.ndim - 1,), (1,)), ((), ()))
-            return jax.lax.dot_general(hidden, embedding.astype(self.dtype), dims, preferred_element_type=jnp.float32)
-        lm_head = dense(
-            self.config.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype, name="lm_head"
-        )
-        return lm_head(hidden).astype(jnp.float32)
+            logits = jax.lax.dot_general(hidden, embedding.astype(self.dtype), dims, preferred_element_type=jnp.float32)
+        else:
+            lm_head = dense(
+                self.config.vocab_size,
+                ("embed", "vocab"),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="lm_head",
+            )
+            logits = lm_head(hidden).astype(jnp.float32)
+        return tanh_cap(logits, self.config.final_logit_softcapping)

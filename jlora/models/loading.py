@@ -27,7 +27,7 @@ import numpy as np
 
 import jlora
 from jlora.models.bert import BertConfig, BertForSequenceClassification, BertModel
-from jlora.models.llama import ROPE_TYPES, LlamaConfig, LlamaForCausalLM
+from jlora.models.llama import ACTIVATIONS, GEMMA, ROPE_TYPES, LlamaConfig, LlamaForCausalLM, hf_ropes
 from jlora.tree import flatten, path_str, unflatten
 
 Tensors = Mapping[str, Callable[[], Any]]
@@ -40,6 +40,9 @@ ARCHITECTURES = {
     "llama": {"LlamaForCausalLM"},
     "mistral": {"MistralForCausalLM"},
     "qwen2": {"Qwen2ForCausalLM"},
+    "qwen3": {"Qwen3ForCausalLM"},
+    "gemma2": {"Gemma2ForCausalLM"},
+    "gemma3_text": {"Gemma3ForCausalLM"},
     "bert": {"BertModel", "BertForSequenceClassification", "BertForPreTraining", "BertForMaskedLM"},
 }
 
@@ -211,7 +214,8 @@ def load_hf(
 ) -> Pretrained:
     """A Hugging Face model directory (config.json + safetensors) -> `Pretrained`.
 
-    Llama, Mistral and Qwen2 configs give a `LlamaForCausalLM`; BERT configs give a
+    Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 text configs give a `LlamaForCausalLM`
+    (`LlamaConfig` has their options); BERT configs give a
     `BertModel`, or with ``head="classifier"`` a `BertForSequenceClassification`
     (`num_labels` overrides the config's; a classifier the checkpoint lacks starts fresh).
     """
@@ -225,7 +229,7 @@ def load_hf(
         hf.num_labels = num_labels
     if hf.model_type not in ARCHITECTURES:
         raise ValueError(
-            f"{directory}: model_type {hf.model_type!r} is not supported; jlora has llama, mistral, qwen2, bert"
+            f"{directory}: model_type {hf.model_type!r} is not supported; jlora has {', '.join(ARCHITECTURES)}"
         )
     try:
         check_hf_config(hf, head)
@@ -255,13 +259,17 @@ def check_hf_config(hf: Any, head: str | None = None) -> None:
     """Refuse, naming the field, a transformers config whose architecture jlora would not
     reproduce exactly.
 
-    Every field that transformers' Llama, Mistral, Qwen2 and BERT models read is either
-    carried into `LlamaConfig` / `BertConfig` (sizes, heads, KV heads, head_dim, biases,
-    norm epsilons, activations, RoPE theta and default / linear / llama3 / yarn scaling,
-    Mistral's window, Qwen2's per-layer windows, tied embeddings, BERT's dropouts and
-    initializer range, labels), refused here or by `from_hf`, or has no effect on the
-    outputs (use_cache, token ids, pretraining_tp, max_position_embeddings without dynamic
-    RoPE, chunk_size_feed_forward, the attention implementation, dtype: jlora's own)."""
+    Every field that transformers' Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text and BERT
+    models read is either carried into `LlamaConfig` / `BertConfig` (sizes, heads, KV heads,
+    head_dim, biases, norm epsilons, activations, RoPE theta and default / linear / llama3 /
+    yarn scaling, Mistral's window, Qwen2/3's and Gemma's per-layer windows, Gemma's
+    query_pre_attn_scalar, soft-capping and Gemma 3's sliding-layer RoPE, tied embeddings,
+    BERT's dropouts and initializer range, labels), refused here or by `from_hf`, or has no
+    effect on the outputs (use_cache, token ids (Gemma's pad_token_id only zeroes that embedding
+    row's gradient in torch), pretraining_tp, max_position_embeddings without dynamic RoPE,
+    Qwen's max_window_layers once layer_types is derived from it, chunk_size_feed_forward,
+    Gemma 3's attn_logit_softcapping (its model never applies it), the attention
+    implementation, dtype: jlora's own)."""
     problems = [f"config field {field}={value!r} is not supported: {why}" for field, value, why in _refusals(hf, head)]
     if problems:
         raise ValueError("; ".join(problems))
@@ -284,19 +292,35 @@ def _refusals(hf: Any, head: str | None) -> list[tuple[str, Any, str]]:
         if head == "classifier" and problem not in (None, "single_label_classification"):
             out.append(("problem_type", problem, "jlora trains classifiers with softmax cross-entropy"))
         return out
-    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
-    if any(isinstance(value, dict) for value in rope.values()):
-        return [*out, ("rope_parameters", rope, "one RoPE for every layer")]
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        out.append(("rope_parameters.rope_type", rope_type, f"jlora's RoPE types are {list(ROPE_TYPES)}"))
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        out.append(("rope_parameters.partial_rotary_factor", rope["partial_rotary_factor"], "RoPE over all head_dim"))
+    act_field = "hidden_activation" if hf.model_type in GEMMA else "hidden_act"
+    if getattr(hf, act_field) not in ACTIVATIONS:
+        out.append((act_field, getattr(hf, act_field), f"jlora's decoders have {list(ACTIVATIONS)}"))
+    if getattr(hf, "use_bidirectional_attention", False):
+        out.append(("use_bidirectional_attention", True, "jlora's decoders are causal"))
     if getattr(hf, "attention_dropout", 0.0):
         out.append(("attention_dropout", hf.attention_dropout, "jlora's decoders have no attention dropout (use 0)"))
     layer_types = getattr(hf, "layer_types", None) or ()
-    if hf.model_type == "qwen2" and "sliding_attention" in layer_types and hf.sliding_window is None:
-        out.append(("layer_types", list(layer_types), "sliding layers need a sliding_window and use_sliding_window"))
+    windowed = hf.model_type in ("qwen2", "qwen3", *GEMMA)
+    if windowed and "sliding_attention" in layer_types and hf.sliding_window is None:
+        out.append(("layer_types", list(layer_types), "sliding layers need a sliding_window (and use_sliding_window)"))
+    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    if hf.model_type != "gemma3_text" and any(isinstance(value, dict) for value in rope.values()):
+        return [*out, ("rope_parameters", rope, "one RoPE for every layer (Gemma 3: one per layer type)")]
+    rope, local = hf_ropes(hf)
+    out += _rope_refusals("rope_parameters", rope, ROPE_TYPES)
+    if local is not None:  # Gemma 3's sliding layers
+        out += _rope_refusals("rope_parameters.sliding_attention", local, ("default",))
+    return out
+
+
+def _rope_refusals(field: str, rope: dict, types: tuple[str, ...]) -> list[tuple[str, Any, str]]:
+    """The refusals of one RoPE's parameters (named under `field`), of which jlora has `types`."""
+    out = []
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in types:
+        out.append((f"{field}.rope_type", rope_type, f"jlora's RoPE types here are {list(types)}"))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        out.append((f"{field}.partial_rotary_factor", rope["partial_rotary_factor"], "RoPE over all head_dim"))
     return out
 
 
