@@ -28,7 +28,16 @@ RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 INITIAL_ADAPTERS = "initial_adapters.safetensors"  # a base-changing init's A0, B0 (`fresh_params`)
 # all a run writes
-RUN_FILES = {RUN_FILE, "metrics.jsonl", "loss.png", CHECKPOINTS, "peft", "results.json", INITIAL_ADAPTERS}
+RUN_FILES = {
+    RUN_FILE,
+    "metrics.jsonl",
+    "loss.png",
+    CHECKPOINTS,
+    "peft",
+    "results.json",
+    INITIAL_ADAPTERS,
+    "tensorboard",
+}
 # exceptions that mean bad input (exit 2, a message); any other is a bug in jlora (exit 1)
 BAD_INPUT = (ValueError, OSError)
 
@@ -151,6 +160,12 @@ TRAIN_FLAGS = {
     "--epochs": ("train", "epochs", float, "passes over the training rows, instead of --steps"),
     "--schedule": ("train", "schedule", str, "learning rate after the warmup: cosine (default), linear or constant"),
     "--eval-every": ("train", "eval_every", int, "steps between held-out evaluations during training (default: none)"),
+    "--report-to": (
+        "train",
+        "report_to",
+        str,
+        "tensorboard: also write the metrics as TensorBoard events in RUN/tensorboard",
+    ),
     "--checkpoint-every": ("train", "checkpoint_every", int, "steps between checkpoints (default 50, and the last)"),
     "--keep-checkpoints": ("train", "keep_checkpoints", int, "how many recent checkpoints to keep (default 2)"),
 }
@@ -676,13 +691,33 @@ def cmd_train(args) -> int:
     else:
         initial = read_initial(out, run, required=_has_checkpoint(out)) if args.resume else None
         run, *prepared = prepare(run, mesh, initial)
-    with replacing(out, replace, writer=jax.process_index() == 0):
-        return train_run(run, out, *prepared, mesh=mesh, progress=not args.quiet, started=started)
+    with replacing(out, replace, writer=jax.process_index() == 0), reporter(run, out) as report:
+        return train_run(run, out, *prepared, mesh=mesh, progress=not args.quiet, started=started, report=report)
 
 
-def train_run(run: Run, out: pathlib.Path, pretrained, params, train_split, held_out, *, mesh, progress, started):
+@contextlib.contextmanager
+def reporter(run: Run, out: pathlib.Path):
+    """Where the run's metrics records also go (`--report-to`): a `TensorBoard` writer in
+    ``out/tensorboard`` on process 0, closed when the run ends, or None."""
+    import jax
+
+    from jlora import train as training
+
+    if run.train.report_to != "tensorboard" or jax.process_index() != 0:
+        yield None
+        return
+    report = training.TensorBoard(out / "tensorboard")
+    try:
+        yield report
+    finally:
+        report.close()
+
+
+def train_run(
+    run: Run, out: pathlib.Path, pretrained, params, train_split, held_out, *, mesh, progress, started, report=None
+):
     """Evaluate, train, evaluate, export: the run folder `out`, continued where a killed
-    run of the same settings left it."""
+    run of the same settings left it; every metrics record also to `report` (`reporter`)."""
     import jax
 
     import jlora
@@ -712,7 +747,7 @@ def train_run(run: Run, out: pathlib.Path, pretrained, params, train_split, held
     evals = {r["eval"]: r for r in training.read_metrics(metrics_file) if "eval" in r}  # kept by a resumed run
     if "before" not in evals:
         evals["before"] = training.evaluate(eval_step, params, held_out, run.train.eval_batch_size, progress)
-        _report("before", 0, evals["before"], metrics_file)
+        _report("before", 0, evals["before"], metrics_file, report)
     with Checkpoints(out / CHECKPOINTS, max_to_keep=run.train.keep_checkpoints) as checkpoints:
         if checkpoints.latest_step() is not None:
             print(f"resuming from step {checkpoints.latest_step()} of {out / CHECKPOINTS}")
@@ -720,12 +755,22 @@ def train_run(run: Run, out: pathlib.Path, pretrained, params, train_split, held
             eval_step, jlora.join(adapters, base), held_out, run.train.eval_batch_size, False
         )
         adapters, history = training.fit(
-            task, adapters, base, train_split, run.train, metrics_file, progress, checkpoints, mesh, held_out_metrics
+            task,
+            adapters,
+            base,
+            train_split,
+            run.train,
+            metrics_file,
+            progress,
+            checkpoints,
+            mesh,
+            held_out_metrics,
+            report,
         )
     if "after" not in evals:
         params = jlora.join(adapters, base)
         evals["after"] = training.evaluate(eval_step, params, held_out, run.train.eval_batch_size, progress)
-        _report("after", run.train.steps, evals["after"], metrics_file)
+        _report("after", run.train.steps, evals["after"], metrics_file, report)
     if jax.process_count() > 1:  # every process holds a part of the adapters: gather them for the export
         from jax.experimental import multihost_utils
 
@@ -770,17 +815,14 @@ def _bytes_under(folder: pathlib.Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def _report(name: str, step: int, result: dict, metrics_file: pathlib.Path) -> None:
-    import jax
+def _report(name: str, step: int, result: dict, metrics_file: pathlib.Path, report=None) -> None:
+    from jlora import train as training
 
     text = f"held-out {name}: loss {result['loss']:.4f}"
     if "accuracy" in result:
         text += f", accuracy {result['accuracy']:.2%}"
     print(text)
-    if jax.process_index() != 0:
-        return
-    with metrics_file.open("a") as f:
-        f.write(json.dumps({"eval": name, "step": step, **result}) + "\n")
+    training.append_record(metrics_file, {"eval": name, "step": step, **result}, report)
 
 
 def export_peft(run: Run, pretrained, params, out: pathlib.Path, initial: dict | None = None) -> pathlib.Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -58,6 +59,7 @@ class TrainConfig:
     epochs: float | None = None  # passes over the data; sets `steps` once the data is known (`with_epochs`)
     quantize: str | None = None  # frozen kernels stored in "nf4", "int8" or "bf16" (QLoRA, `jlora.quantize`)
     loraplus_ratio: float | None = None  # LoRA+: B trained at this many times the learning rate (`jlora.loraplus`)
+    report_to: str | None = None  # "tensorboard": every metrics record also as TensorBoard scalars (`TensorBoard`)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "checkpoint_every", "keep_checkpoints"):
@@ -75,6 +77,10 @@ class TrainConfig:
             raise ValueError(f"quantize must be one of {', '.join(FORMATS)} (or unset), got {self.quantize!r}")
         if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
             raise ValueError(f"loraplus_ratio must be > 0 (or unset), got {self.loraplus_ratio}")
+        if self.report_to not in (None, "tensorboard"):
+            raise ValueError(f"report_to must be 'tensorboard' (or unset), got {self.report_to!r}")
+        if self.report_to and importlib.util.find_spec("tensorboardX") is None:
+            raise ValueError("report_to 'tensorboard' writes with tensorboardX: pip install 'jlora[tensorboard]'")
 
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -323,6 +329,7 @@ def fit(
     checkpoints: Checkpoints | None = None,
     mesh: Mesh | None = None,
     evaluate: Callable[[Any], dict] | None = None,
+    report: Callable[[dict], None] | None = None,
 ) -> tuple[Any, list[dict]]:
     """Train `adapters` for `config.steps` steps; returns them and the per-step history.
     `adapters` are donated to the step (their buffers are reused): keep no other reference.
@@ -335,7 +342,8 @@ def fit(
 
     With `evaluate` (adapters -> held-out metrics) and `config.eval_every`, the held-out
     metrics every that many steps (before the last) go to `metrics_file` as
-    ``{"eval": "step", "step": …}`` records.
+    ``{"eval": "step", "step": …}`` records. `report` (e.g. `TensorBoard`) receives every
+    record written there too.
 
     With a `mesh` (`jlora.sharding.make_mesh`), the base is placed once, sharded by its
     logical axes, adapters and optimizer state by their kernels', and each process loads
@@ -384,7 +392,7 @@ def fit(
             "epoch": batches.position(step)[0],
         }
         history.append(record)
-        _append_jsonl(metrics_file, record)
+        append_record(metrics_file, record, report)
         if checkpoints is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
             epoch, index = batches.position(step + 1)
             checkpoints.save(
@@ -397,7 +405,7 @@ def fit(
                 extra={"data": {"hash": data_fingerprint, "epoch": epoch, "batch": index}},
             )
         if evaluate is not None and config.eval_every and (step + 1) % config.eval_every == 0 < config.steps - step - 1:
-            _append_jsonl(metrics_file, {"eval": "step", "step": step + 1, **evaluate(adapters)})
+            append_record(metrics_file, {"eval": "step", "step": step + 1, **evaluate(adapters)}, report)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update()
     bar.close()
@@ -438,10 +446,37 @@ def rewrite_metrics(path: pathlib.Path | None, keep: Callable[[dict], bool]) -> 
     os.replace(staging, path)
 
 
-def _append_jsonl(path: pathlib.Path | None, record: dict) -> None:
-    if path is not None and jax.process_index() == 0:
+def append_record(path: pathlib.Path | None, record: dict, report: Callable[[dict], None] | None = None) -> None:
+    """One metrics record, to `path` and to `report`, by process 0 only."""
+    if jax.process_index() != 0:
+        return
+    if path is not None:
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+    if report is not None:
+        report(record)
+
+
+class TensorBoard:
+    """Metrics records as TensorBoard scalars in `directory` (with tensorboardX, which needs no
+    TensorFlow): ``train/<name>`` for step records, ``eval/<name>`` for held-out ones (before,
+    during and after training), at the record's step; flushed after each record, so a running
+    TensorBoard shows it at once."""
+
+    def __init__(self, directory: pathlib.Path):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(directory))
+
+    def __call__(self, record: dict) -> None:
+        group = "train" if "eval" not in record else "eval"
+        for name, value in record.items():
+            if name not in ("step", "eval") and isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{group}/{name}", value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def plot_loss(history: Iterable[dict], evals: dict[str, dict], path: pathlib.Path, during: Iterable[dict] = ()) -> None:

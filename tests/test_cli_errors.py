@@ -124,6 +124,7 @@ CASES = [
     ([*TRAIN, "--out", "new", "--init", "pissa_niter_x"], "init must be one of"),
     ([*TRAIN, "--out", "new", "--init", "loftq"], "init must be one of"),
     ([*TRAIN, "--out", "new", "--loraplus-ratio", "0"], "loraplus_ratio must be > 0"),
+    ([*TRAIN, "--out", "new", "--report-to", "wandb"], "report_to must be 'tensorboard'"),
     ([*TRAIN, "--out", "new", "--loraplus-ratio", "-2"], "loraplus_ratio must be > 0"),
     (["train", "--config", "missing.yaml", "--out", "new"], "config file missing.yaml not found"),
     (["train", "--config", "bad.yaml", "--out", "new"], "is not valid YAML"),

@@ -109,3 +109,38 @@ def test_epochs_set_the_steps_and_eval_every_records_held_out_metrics(sources, t
         ("after", 13),
     ]
     assert cli.main([*args, "--steps", "5", "--out", str(tmp_path / "both")]) == 2
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` from the TFRecord event files in `folder` (length, CRC,
+    an `Event` proto, CRC per record), read with tensorboardX's own protos."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_report_to_tensorboard_writes_every_metrics_record(sources, tmp_path):
+    pytest.importorskip("tensorboardX")
+    out = tmp_path / "tb"
+    args = ["train", "--model", str(sources["model"]), "--data", str(sources["csv"]), *FAST, "--rank", "2"]
+    assert cli.main([*args, "--steps", "4", "--eval-every", "2", "--report-to", "tensorboard", "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["train"]["report_to"] == "tensorboard"
+    scalars = tensorboard_scalars(out / "tensorboard")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "eval" not in r]
+    assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in steps]
+    np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [r["loss"] for r in steps], rtol=1e-6)
+    evals = [r for r in records if "eval" in r]  # before (step 0), during (step 2), after (step 4)
+    assert [s for s, _ in scalars["eval/loss"]] == [r["step"] for r in evals] == [0, 2, 4]
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s"} <= scalars.keys()
