@@ -117,3 +117,21 @@ def test_missing_preset_package_names_the_install_command(monkeypatch):
 def test_core_imports_no_transformers_datasets_or_torch():
     code = "import sys, jlora; print(sorted(m for m in ('transformers', 'datasets', 'torch') if m in sys.modules))"
     assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "[]"
+
+
+def test_no_pytorch_advice_at_start_up_without_torch():
+    """transformers, imported through jlora.models where torch is absent, stays quiet about it
+    (in a fresh process: this one has imported jlora.models, which set the variable)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    hide_torch = (
+        "import importlib.util; real = importlib.util.find_spec; "
+        "importlib.util.find_spec = lambda name, *a, **k: None if name == 'torch' else real(name, *a, **k); "
+    )
+    for imports, advised in (("import transformers", True), ("import jlora.models, transformers", False)):
+        command = [sys.executable, "-c", hide_torch + imports]
+        done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+        assert ("PyTorch was not found" in done.stderr) is advised, done.stderr

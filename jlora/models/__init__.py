@@ -6,7 +6,12 @@ tokens = jlora.models.generate(pretrained.model, pretrained.params, ids, max_new
 
 from __future__ import annotations
 
+import os
 import pathlib
+
+# transformers serves jlora's models configs and tokenizers only: its "PyTorch was not found"
+# advice (printed when it is first imported without torch) is not the user's to act on
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from jlora.models.bert import BertConfig, BertForSequenceClassification, BertModel, mean_pool
 from jlora.models.generate import generate, sample
