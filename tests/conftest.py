@@ -79,3 +79,11 @@ def mlp():
     model = MLP()
     x = jax.random.normal(jax.random.key(3), (5, 6))
     return model, model.init(jax.random.key(0), x)["params"], x
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A random Llama checkpoint saved by transformers (`tiny_task.hf_llama`, vocabulary 23)."""
+    from tests import tiny_task
+
+    return tiny_task.hf_llama(tmp_path_factory.mktemp("llama"), vocab_size=23)

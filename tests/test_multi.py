@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = tiny_task.PROJECTIONS
 IDS = jnp.array([[5, 9, 2, 7, 11, 3], [4, 4, 8, 1, 6, 2], [3, 14, 1, 9, 22, 5], [7, 7, 2, 18, 1, 10]])
 MIXED = jnp.array([0, 1, -1, 1])
 WEIGHTS = [0.7, -0.4]  # a negative weight exercises peft's sign handling in "linear"
@@ -34,11 +34,6 @@ WEIGHTS = [0.7, -0.4]  # a negative weight exercises peft's sign handling in "li
 def per_row(outputs, ids):
     """Row i of outputs[ids[i]] (outputs[-1] is the base's)."""
     return np.stack([np.asarray(outputs[int(k)][row]) for row, k in enumerate(ids)])
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny_task.hf_llama(tmp_path_factory.mktemp("llama"), vocab_size=23)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scanned"])

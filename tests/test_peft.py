@@ -18,13 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IDS = np.array([[5, 9, 2, 7, 11, 3], [4, 4, 8, 1, 6, 2]])
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny_task.hf_llama(tmp_path_factory.mktemp("llama"), vocab_size=23)
+TARGETS, IDS = tiny_task.PROJECTIONS, tiny_task.IDS
 
 
 def peft_logits(base_dir, adapter_dir, ids=IDS):

@@ -24,8 +24,7 @@ peft = pytest.importorskip("peft")
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IDS = np.array([[5, 9, 2, 7, 11, 3], [4, 4, 8, 1, 6, 2]])
+TARGETS, IDS = tiny_task.PROJECTIONS, tiny_task.IDS
 BERT_IDS = np.array([[2, 7, 9, 4, 0, 0], [3, 5, 8, 1, 6, 2]])
 ATOL = 1e-4  # float32 on both sides
 

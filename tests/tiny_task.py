@@ -12,6 +12,8 @@ POSITIVE = ["good", "great", "fine", "lovely"]
 NEGATIVE = ["bad", "awful", "poor", "dull"]
 FILLER = ["the", "movie", "was", "plot", "acting", "and", "very", "quite"]
 WORDS = ["Review", "Sentiment", ":", "positive", "negative", *POSITIVE, *NEGATIVE, *FILLER]
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # a Llama layer's seven
+IDS = np.array([[5, 9, 2, 7, 11, 3], [4, 4, 8, 1, 6, 2]])  # token ids for the peft comparisons (vocab 23)
 
 
 def tokenizer():
