@@ -11,7 +11,14 @@ with the weight, and a contraction (``dot_general``, which einsums lower to, or
 the weight-sized ΔW is never built. Any other use of an adapted weight (a gather from an
 embedding, a convolution, arithmetic on it, a `custom_vjp` / `custom_jvp` function or a
 `shard_map` it enters) receives ``W + s·B·A`` built at that use, so no result is silently
-wrong; ``fallback="error"`` makes such a use an error naming the primitive instead.
+wrong; ``fallback="error"`` makes such a use an error naming the primitive instead. A weight
+that a `jit`, `checkpoint` or `scan` body passes out unchanged (NNX bodies return their
+state) leaves with its factors, merged only if something uses it.
+
+`per_example` (``jlora.multi.lora``) evaluates with a stack of adapters, example e of every
+activation (its axis 0) taking adapter ``ids[e]``: the factors carry a leading adapter axis
+that the structural rules map over (`LoraValue.map`), and a contraction gathers each
+example's A and B. A use that would need one merged weight is refused there.
 
 Layouts are learned from the computation (`lora_specs`): each axis of a weight is an
 input axis ``i`` (contracted with the activation, A's), an output axis ``o`` (B's), or a
@@ -21,8 +28,10 @@ each index has its own adapters). Axes may interleave, e.g. the ``NDH`` kernel o
 ``A: (*W[s], *W[i], r)`` and ``B: (*W[s], r, *W[o])``, each group in the weight's order.
 
 Naming rule (`jlora.tree.adapter_names`): adapters live beside their weight in the same dict; a
-weight named ``kernel`` has siblings ``lora_a`` / ``lora_b`` (jlora's rule for Linen and
-NNX layers), any other weight ``n`` has ``n_lora_a`` / ``n_lora_b``. Config targets match
+weight named ``kernel`` laid out ``(*stack, *in, *out)`` has siblings ``lora_a`` / ``lora_b``
+(jlora's rule for Linen and NNX layers, which `jlora.merge`, `jlora.peft` and sharding read
+from the shapes), any other weight ``n`` (or a kernel whose axes interleave) has ``n_lora_a`` /
+``n_lora_b``, whose layout only the function knows (those readers refuse it). Config targets match
 the weight's module path (``layers/q_proj`` for ``layers/q_proj/kernel``) or its own
 path (``mlp/gating_einsum``); ranks and alphas are looked up with the path that matched.
 """
@@ -32,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -121,21 +131,34 @@ class LoraValue:
     roles: Roles = dataclasses.field(metadata={"static": True})
     scale: float = dataclasses.field(metadata={"static": True})
     leaf: str = dataclasses.field(metadata={"static": True})
+    multi: bool = dataclasses.field(default=False, metadata={"static": True})  # factors lead with an adapter axis
 
     def replace(self, **changes) -> LoraValue:
         return dataclasses.replace(self, **changes)
 
+    def map(self, w: Any, roles: Roles, on_a: Callable, on_b: Callable) -> LoraValue:
+        """The value with weight `w` and roles `roles`, its factors passed through `on_a` / `on_b`
+        (once per adapter for a stack of adapters)."""
+        each = jax.vmap if self.multi else lambda f: f
+        return self.replace(w=w, roles=roles, a=each(on_a)(self.a), b=each(on_b)(self.b))
+
 
 @dataclasses.dataclass
 class _Run:
-    """One evaluation and its fallback policy."""
+    """One evaluation: its fallback policy, and for a stack of adapters the adapter of each example."""
 
     fallback: str
+    ids: jax.Array | None = None
 
     def dense(self, x: Any, primitive: str) -> Any:
         """A plain value for `x`: ``W + s·B·A`` if it is a `LoraValue`."""
         if not isinstance(x, LoraValue):
             return x
+        if x.multi:
+            raise ValueError(
+                f"{x.leaf}: its use by `{primitive}` needs the weight itself, but with one adapter per "
+                "example there is no single W + s·B·A; per-example adapters work on contractions only"
+            )
         if self.fallback == "error":
             raise ValueError(
                 f"{x.leaf}: its use by `{primitive}` is not a contraction jlora can factor; "
@@ -202,9 +225,9 @@ def _transpose(run, eqn, invals):
     perm = eqn.params["permutation"]
     roles = "".join(x.roles[p] for p in perm)
     old_a, old_b = _a_axes(x.roles), _b_axes(x.roles)
-    a_perm = [old_a.index(perm[k]) for k in _a_axes(roles)] + [x.a.ndim - 1]
+    a_perm = [old_a.index(perm[k]) for k in _a_axes(roles)] + [len(old_a)]
     b_perm = [old_b.index(None if k is None else perm[k]) for k in _b_axes(roles)]
-    return [LoraValue(_bind(eqn, [x.w])[0], x.a.transpose(a_perm), x.b.transpose(b_perm), roles, x.scale, x.leaf)]
+    return [x.map(_bind(eqn, [x.w])[0], roles, lambda a: a.transpose(a_perm), lambda b: b.transpose(b_perm))]
 
 
 def _reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
@@ -244,17 +267,17 @@ def _reshape(run, eqn, invals):
             roles[k] = next(iter(kinds))
     roles = "".join(roles)
     a_shape = [new[k] for k in _a_axes(roles)] + [x.a.shape[-1]]
-    b_shape = [x.b.shape[x.roles.count("s")] if k is None else new[k] for k in _b_axes(roles)]
-    return [LoraValue(_bind(eqn, [x.w])[0], x.a.reshape(a_shape), x.b.reshape(b_shape), roles, x.scale, x.leaf)]
+    b_shape = [x.a.shape[-1] if k is None else new[k] for k in _b_axes(roles)]
+    return [x.map(_bind(eqn, [x.w])[0], roles, lambda a: a.reshape(a_shape), lambda b: b.reshape(b_shape))]
 
 
 def _squeeze(run, eqn, invals):
     (x,) = invals
     dims = {d % x.w.ndim for d in eqn.params["dimensions"]}
     roles = "".join(r for k, r in enumerate(x.roles) if k not in dims)
-    a = jnp.squeeze(x.a, tuple(p for p, k in enumerate(_a_axes(x.roles)) if k in dims))
-    b = jnp.squeeze(x.b, tuple(p for p, k in enumerate(_b_axes(x.roles)) if k in dims))
-    return [LoraValue(_bind(eqn, [x.w])[0], a, b, roles, x.scale, x.leaf)]
+    a_dims = tuple(p for p, k in enumerate(_a_axes(x.roles)) if k in dims)
+    b_dims = tuple(p for p, k in enumerate(_b_axes(x.roles)) if k in dims)
+    return [x.map(_bind(eqn, [x.w])[0], roles, lambda a: jnp.squeeze(a, a_dims), lambda b: jnp.squeeze(b, b_dims))]
 
 
 def _slice(run, eqn, invals):
@@ -267,7 +290,8 @@ def _slice(run, eqn, invals):
         spec = [full(p) if k is None else (starts[k], limits[k], strides[k]) for p, k in enumerate(axes)]
         return lax.slice(factor, *zip(*spec, strict=True))
 
-    return [x.replace(w=_bind(eqn, [x.w])[0], a=cut(x.a, [*_a_axes(x.roles), None]), b=cut(x.b, _b_axes(x.roles)))]
+    on_a, on_b = (functools.partial(cut, axes=axes) for axes in ([*_a_axes(x.roles), None], _b_axes(x.roles)))
+    return [x.map(_bind(eqn, [x.w])[0], x.roles, on_a, on_b)]
 
 
 def _dynamic_slice(run, eqn, invals):
@@ -282,8 +306,8 @@ def _dynamic_slice(run, eqn, invals):
             factor, index, [factor.shape[p] if k is None else sizes[k] for p, k in enumerate(axes)]
         )
 
-    w = _bind(eqn, [x.w, *starts])[0]
-    return [x.replace(w=w, a=cut(x.a, [*_a_axes(x.roles), None]), b=cut(x.b, _b_axes(x.roles)))]
+    on_a, on_b = (functools.partial(cut, axes=axes) for axes in ([*_a_axes(x.roles), None], _b_axes(x.roles)))
+    return [x.map(_bind(eqn, [x.w, *starts])[0], x.roles, on_a, on_b)]
 
 
 # contractions: + s·(x·A)·B
@@ -306,6 +330,8 @@ def _dot_general(run, eqn, invals):
         return _merged(run, eqn, [lhs, rhs])
     y = _bind(eqn, [w.w, x] if side == 0 else [x, w.w])[0]
     a, b = w.a.astype(x.dtype), w.b.astype(x.dtype)
+    if w.multi:
+        return [y + _per_example(run.ids, w, x, a, b, side, eqn.params["dimension_numbers"]).astype(y.dtype)]
     pairs = dict(zip(wc, xc, strict=True))
     if side == 1 and not wb:  # x·W: jlora's factored branch, with its own fast backward
         out = _factored(tuple(pairs[k] for k in _a_axes(w.roles)), x, a, b)
@@ -330,6 +356,42 @@ def _dot_general(run, eqn, invals):
     return [y + (w.scale * out).astype(y.dtype)]
 
 
+def _per_example(ids: jax.Array, w: LoraValue, x: jax.Array, a: jax.Array, b: jax.Array, side: int, dims) -> jax.Array:
+    """The factored term of a contraction where example e (x's axis 0) uses adapter ``ids[e]``
+    of the stacks `a`, `b` ``(n, *A)`` / ``(n, *B)`` (no term where ``ids[e] < 0``), laid out
+    like the contraction's output."""
+    (contract, batch) = dims
+    wc, xc, wb, xb = contract[side], contract[1 - side], batch[side], batch[1 - side]
+    if x.shape[0] != ids.shape[0] or 0 in (*xc, *xb):
+        raise ValueError(
+            f"{w.leaf}: per-example adapters need the examples along axis 0 of every activation that meets "
+            f"the weight; this contraction's activation has shape {x.shape} (contracting {xc}, batching {xb}) "
+            f"and there are {ids.shape[0]} adapter ids"
+        )
+    a, b = jnp.take(a, jnp.maximum(ids, 0), axis=0), jnp.take(b, jnp.maximum(ids, 0), axis=0)
+    a_pos, b_pos = _a_axes(w.roles), _b_axes(w.roles)
+    nb = len(wb)
+    h = lax.dot_general(  # (example, batch, x's other free axes, r)
+        x,
+        a,
+        ((xc, [1 + a_pos.index(k) for k in wc]), ((0, *xb), (0, *[1 + a_pos.index(k) for k in wb]))),
+        preferred_element_type=jnp.float32,
+    )
+    h = jnp.where((ids >= 0).reshape(-1, *[1] * (h.ndim - 1)), h, 0).astype(b.dtype)
+    out = lax.dot_general(  # (example, batch, x's other free axes, W's output axes)
+        h,
+        b,
+        (((h.ndim - 1,), (1 + b_pos.index(None),)), (tuple(range(1 + nb)), (0, *[1 + b_pos.index(k) for k in wb]))),
+        preferred_element_type=jnp.float32,
+    )
+    n_free, n_out = h.ndim - 2 - nb, w.roles.count("o")
+    example, batch_axes = [0], list(range(1, 1 + nb))
+    free, outs = list(range(1 + nb, 1 + nb + n_free)), list(range(1 + nb + n_free, out.ndim))
+    assert len(outs) == n_out
+    order = batch_axes + (example + free + outs if side == 1 else outs + example + free)
+    return jnp.transpose(out, order)
+
+
 _RAGGED = lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(((1,), (1,)), ((), ())), lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,)
 )
@@ -342,6 +404,8 @@ def _ragged_dot(run, eqn, invals):
     canonical = params["ragged_dot_dimension_numbers"] == _RAGGED and params["group_offset"] is None
     if isinstance(x, LoraValue) or isinstance(group_sizes, LoraValue) or not canonical or w.roles != "sio":
         return _merged(run, eqn, invals)
+    if w.multi:
+        raise ValueError(f"{w.leaf}: per-example adapters on a ragged_dot (grouped experts) are not supported")
     y = _bind(eqn, [x, w.w, group_sizes])[0]
     a, b = w.a.astype(x.dtype), w.b.astype(x.dtype)
     h = lax.ragged_dot(x, a, group_sizes, preferred_element_type=jnp.float32)
@@ -358,7 +422,7 @@ def _jit(run, eqn, invals):
 
 
 def _remat(run, eqn, invals):
-    body = lambda *args: [run.dense(x, "checkpoint") for x in _eval(run, eqn.params["jaxpr"], (), args)]
+    body = lambda *args: _eval(run, eqn.params["jaxpr"], (), args)  # a weight passed through leaves as it came
     return jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])(*invals)
 
 
@@ -367,16 +431,25 @@ def _scan(run, eqn, invals):
     nc, nk = p["num_consts"], p["num_carry"]
     consts, carry = invals[:nc], [run.dense(x, "scan carry") for x in invals[nc : nc + nk]]
     xs = [x if not isinstance(x, LoraValue) or x.roles[0] == "s" else run.dense(x, "scan") for x in invals[nc + nk :]]
+    # a stack of adapters scans along its layers, the axis after the adapter axis
+    layers_first = lambda x: x.replace(a=jnp.moveaxis(x.a, 0, 1), b=jnp.moveaxis(x.b, 0, 1))
+    xs = [layers_first(x) if isinstance(x, LoraValue) and x.multi else x for x in xs]
 
     def step(x):  # a scanned stacked weight: each step sees one slice of it and of its factors
         return x.replace(roles=x.roles[1:]) if isinstance(x, LoraValue) else x
 
     def body(c, x):
-        outs = _eval_dense(run, p["jaxpr"], [*consts, *c, *map(step, x)], "scan")
-        return outs[:nk], outs[nk:]
+        outs = _eval(run, p["jaxpr"].jaxpr, p["jaxpr"].consts, [*consts, *c, *map(step, x)])
+        return [run.dense(y, "scan carry") for y in outs[:nk]], outs[nk:]
+
+    def stacked(y):  # a weight the body passes out (NNX scans return their state) leaves stacked again
+        if not isinstance(y, LoraValue):
+            return y
+        back = (lambda f: jnp.moveaxis(f, 1, 0)) if y.multi else (lambda f: f)
+        return y.replace(roles="s" + y.roles, a=back(y.a), b=back(y.b))
 
     carry, ys = lax.scan(body, carry, xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
-    return [*carry, *ys]
+    return [*carry, *map(stacked, ys)]
 
 
 def _while(run, eqn, invals):
@@ -641,7 +714,7 @@ def init(params: PyTree, specs: Mapping[str, LeafSpec], config: LoraConfig, key:
         if r > min(fan_in, fan_out):
             raise ValueError(f"init: rank {r} for {path} exceeds min(in, out) = min({fan_in}, {fan_out})")
         a_shape, b_shape = spec.adapter_shapes(shape, r)
-        a_name, b_name = adapter_names(keys[-1])
+        a_name, b_name = adapter_names(keys[-1], re.fullmatch("s*i+o+", spec.roles) is not None)
         flat[(*keys[:-1], a_name)] = _init_a(
             jax.random.fold_in(key, zlib.crc32(path.encode())), a_shape, fan_in, r, config
         )
@@ -649,33 +722,70 @@ def init(params: PyTree, specs: Mapping[str, LeafSpec], config: LoraConfig, key:
     return unflatten(flat)
 
 
-def _adapters(params: PyTree) -> dict[Keys, tuple[jax.Array, jax.Array]]:
-    """``{weight keys: (A, B)}`` for every weight with adapters beside it."""
+def adapters_of(params: PyTree) -> dict[Keys, tuple[Keys, Keys]]:
+    """``{weight keys: (A's keys, B's keys)}`` for every weight with adapters beside it."""
     flat = flatten(params)
     found, claimed = {}, set()
     for keys in flat:
         if is_adapter(keys[-1]) or not isinstance(keys[-1], str):
             continue
-        a_keys, b_keys = ((*keys[:-1], name) for name in adapter_names(keys[-1]))
-        if a_keys in flat or b_keys in flat:
-            if a_keys not in flat or b_keys not in flat:
-                raise ValueError(f"{path_str(keys)}: has only one of its adapters {a_keys[-1]} / {b_keys[-1]}")
-            found[keys] = (flat[a_keys], flat[b_keys])
-            claimed |= {a_keys, b_keys}
+        for names in dict.fromkeys(adapter_names(keys[-1], layout) for layout in (True, False)):
+            a_keys, b_keys = ((*keys[:-1], name) for name in names)
+            if a_keys in flat or b_keys in flat:
+                if a_keys not in flat or b_keys not in flat:
+                    raise ValueError(f"{path_str(keys)}: has only one of its adapters {a_keys[-1]} / {b_keys[-1]}")
+                if keys in found:
+                    raise ValueError(f"{path_str(keys)}: has adapters under two names, {found[keys][0]} and {a_keys}")
+                found[keys] = (a_keys, b_keys)
+                claimed |= {a_keys, b_keys}
     orphans = [path_str(k) for k in flat if is_adapter(k[-1]) and k not in claimed]
     if orphans:
-        raise ValueError(f"adapters {orphans} have no weight beside them (naming rule: jlora.interpret.adapter_names)")
+        raise ValueError(
+            f"adapters {orphans} have no weight beside them (naming rule: jlora.tree.adapter_names); "
+            "pass the adapters joined with their base (jlora.join(adapters, base))"
+        )
     return found
 
 
 def merge(params: PyTree, specs: Mapping[str, LeafSpec], config: LoraConfig) -> dict:
     """A tree without adapters, each adapted weight replaced by ``W + s·B·A`` (float32, cast to W's dtype)."""
-    flat = {k: v for k, v in flatten(params).items() if not is_adapter(k[-1])}
-    for keys, (a, b) in _adapters(params).items():
+    params_flat = flatten(params)
+    flat = {k: v for k, v in params_flat.items() if not is_adapter(k[-1])}
+    for keys, (a_keys, b_keys) in adapters_of(params).items():
+        a, b = params_flat[a_keys], params_flat[b_keys]
         w, path = flat[keys], path_str(keys)
         scale = config.scale(config_path(keys, config) or path, a.shape[-1])
         flat[keys] = (w.astype(jnp.float32) + delta(specs[path].roles, a, b, scale)).astype(w.dtype)
     return unflatten(flat)
+
+
+def _transformed(fn: Callable, params: PyTree, args: tuple, kwargs: dict, config: LoraConfig | None, run: _Run) -> Any:
+    """``fn(params, *args, **kwargs)`` evaluated with the adapters in `params` applied: scaled by
+    `config`, or (``config=None``) a `jlora.multi.stack` of adapters, scales folded in, chosen per
+    example by ``run.ids``."""
+    flat = flatten(params)
+    adapters = {keys: (flat[a], flat[b]) for keys, (a, b) in adapters_of(params).items()}
+    closed, out_tree, inputs, values = _trace(fn, _strip(params), args, kwargs)
+    chosen = {inputs[keys]: path_str(keys) for keys in adapters}
+    specs, read = _learn(closed.jaxpr, chosen, {j: values[j].shape for j in chosen})
+    unread = sorted(chosen[j] for j in chosen.keys() - read)
+    if unread:
+        raise ValueError(f"lora: adapters on {unread} were never applied: fn does not read these weights")
+    if chosen.keys() - specs.keys():
+        raise _never_contracted(sorted(chosen[j] for j in chosen.keys() - specs.keys()))
+    for keys, (a, b) in adapters.items():
+        j, path = inputs[keys], path_str(keys)
+        roles = specs[j].roles
+        ns = roles.count("s")
+        if config is None:  # (*stack, n, ...) -> (n, *stack, ...): `LoraValue.map` runs per adapter
+            a, b = jnp.moveaxis(a, ns, 0), jnp.moveaxis(b, ns, 0)
+        expected = specs[j].adapter_shapes(values[j].shape, a.shape[-1])
+        if (a.shape[config is None :], b.shape[config is None :]) != expected:
+            raise ValueError(f"{path}: adapters {a.shape} / {b.shape} do not fit roles {roles!r}: {expected}")
+        scale = 1.0 if config is None else config.scale(config_path(keys, config) or path, a.shape[-1])
+        values[j] = LoraValue(values[j], a, b, roles, scale, path, multi=config is None)
+    outs = [run.dense(x, "output") for x in _eval(run, closed.jaxpr, closed.consts, values)]
+    return jax.tree.unflatten(out_tree, outs)
 
 
 def lora(fn: Callable, config: LoraConfig, *, fallback: str = "merge") -> Callable:
@@ -692,26 +802,23 @@ def lora(fn: Callable, config: LoraConfig, *, fallback: str = "merge") -> Callab
 
     @functools.wraps(fn)
     def wrapped(params: PyTree, *args, **kwargs):
-        adapters = _adapters(params)
-        closed, out_tree, inputs, values = _trace(fn, _strip(params), args, kwargs)
-        chosen = {inputs[keys]: path_str(keys) for keys in adapters}
-        specs, read = _learn(closed.jaxpr, chosen, {j: values[j].shape for j in chosen})
-        unread = sorted(chosen[j] for j in chosen.keys() - read)
-        if unread:
-            raise ValueError(f"lora: adapters on {unread} were never applied: fn does not read these weights")
-        if chosen.keys() - specs.keys():
-            raise _never_contracted(sorted(chosen[j] for j in chosen.keys() - specs.keys()))
-        for keys, (a, b) in adapters.items():
-            j, path = inputs[keys], path_str(keys)
-            expected = specs[j].adapter_shapes(values[j].shape, a.shape[-1])
-            if (a.shape, b.shape) != expected:
-                raise ValueError(
-                    f"{path}: adapters {a.shape} / {b.shape} do not fit roles {specs[j].roles!r}: {expected}"
-                )
-            scale = config.scale(config_path(keys, config) or path, a.shape[-1])
-            values[j] = LoraValue(values[j], a, b, specs[j].roles, scale, path)
-        run = _Run(fallback)
-        outs = [run.dense(x, "output") for x in _eval(run, closed.jaxpr, closed.consts, values)]
-        return jax.tree.unflatten(out_tree, outs)
+        return _transformed(fn, params, args, kwargs, config, _Run(fallback))
+
+    return wrapped
+
+
+def per_example(fn: Callable) -> Callable:
+    """`fn` where example e uses adapter ``ids[e]`` of a `jlora.multi.stack` (-1: none):
+    ``wrapped(params_with_stacked_adapters, ids, *args, **kwargs)``, every contraction of an
+    adapted weight factored per example. The examples are axis 0 of each activation that
+    meets an adapted weight (checked); any other use of an adapted weight is refused, as
+    there is no single merged weight. `ids` is data: one compilation serves every mix."""
+
+    @functools.wraps(fn)
+    def wrapped(params: PyTree, ids: jax.Array, *args, **kwargs):
+        ids = jnp.asarray(ids)
+        if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"adapter ids must be a 1-D integer array (one per example), got {ids.dtype} {ids.shape}")
+        return _transformed(fn, params, args, kwargs, None, _Run("error", ids))
 
     return wrapped

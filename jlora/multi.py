@@ -8,14 +8,18 @@ config. `apply` runs the base once for a batch in which example i uses adapter `
 (-1: the base alone): every adapted layer gathers ``A[ids]``, ``B[ids]`` and contracts them
 with batch dimensions. The choice of adapter is data, so one compiled program serves any mix.
 
+`lora` does the same for any JAX function through `jlora.interpret` (an NNX model, plain jnp
+code): the stacks sit beside their weights under `jlora.tree.adapter_names`' rule.
+
 `combine` makes one adapter of several as peft's ``add_weighted_adapter`` does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -23,17 +27,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora import interpret
 from jlora.apply import adding, check_applied
 from jlora.config import LoraConfig
-from jlora.spec import KernelSpec, adapter_spec, einsum_axes
-from jlora.tree import LORA_A, LORA_B, Keys, PyTree, adapted_modules, join, path_str, unflatten
+from jlora.spec import einsum_axes
+from jlora.tree import LORA_A, Keys, PyTree, flatten, join, path_str, unflatten
 
 COMBINATIONS = ("cat", "linear", "svd")
-Factor = tuple[KernelSpec, jax.Array, jax.Array, float]  # layout, A, B, scale
+Factor = tuple[int, jax.Array, jax.Array, float]  # the weight's number of stacked axes, A, B, scale
 
 
-def _factors(params: PyTree, config: LoraConfig) -> dict[Keys, Factor]:
-    """``{module keys: (layout, A, B, scale)}`` for every adapter in `params` (which holds kernels)."""
+def _factors(params: PyTree, config: LoraConfig) -> dict[tuple[Keys, Keys], Factor]:
+    """``{(A's keys, B's keys): (the weight's stacked axes, A, B, scale)}`` for every adapter in
+    `params` (which holds the weights), under either naming rule (`jlora.tree.adapter_names`)."""
     if config.modules_to_save:
         raise ValueError(
             f"adapters with modules_to_save {list(config.modules_to_save)} replace whole modules, "
@@ -44,70 +50,64 @@ def _factors(params: PyTree, config: LoraConfig) -> dict[Keys, Factor]:
             "DoRA adapters (use_dora) rescale their whole layer by a magnitude, which cannot be stacked or "
             "combined per row; merge each one (jlora.merge) or use plain LoRA adapters"
         )
+    flat = flatten(params)
     out = {}
-    for keys, leaves in adapted_modules(params).items():
-        if "kernel" not in leaves:
-            raise ValueError(f"{path_str(keys)}: no kernel beside the adapters; pass jlora.join(adapters, base)")
-        a, b = jnp.asarray(leaves[LORA_A]), jnp.asarray(leaves[LORA_B])
-        out[keys] = (
-            adapter_spec(leaves["kernel"].shape, a.shape, b.shape),
-            a,
-            b,
-            config.scale(path_str(keys), a.shape[-1]),
-        )
+    for keys, (a_keys, b_keys) in interpret.adapters_of(params).items():
+        a, b = jnp.asarray(flat[a_keys]), jnp.asarray(flat[b_keys])
+        stacked = (a.ndim - 1) + (b.ndim - 1) - len(flat[keys].shape)  # A (*s, *in, r), B (*s, r, *out)
+        scale = config.scale(interpret.config_path(keys, config) or path_str(keys), a.shape[-1])
+        out[a_keys, b_keys] = (stacked, a, b, scale)
     if not out:
-        raise ValueError("params hold no adapters (lora_a / lora_b beside kernels)")
+        raise ValueError("params hold no adapters (lora_a / lora_b beside their weights)")
     return out
 
 
-def _pad_rank(spec: KernelSpec, a: jax.Array, b: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+def _pad_rank(stacked: int, a: jax.Array, b: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     """A and B with zero rank columns / rows added up to `rank`: the product is unchanged."""
     extra = rank - a.shape[-1]
     pad = lambda x, axis: jnp.pad(x, [(0, extra if i == axis else 0) for i in range(x.ndim)])
-    return pad(a, a.ndim - 1), pad(b, spec.stack)
+    return pad(a, a.ndim - 1), pad(b, stacked)
 
 
-def _modules(adapters: Sequence[tuple[PyTree, LoraConfig]]) -> dict[Keys, list[Factor | None]]:
-    """Per adapted module (of any adapter), each adapter's ``(layout, A, B, scale)`` or None,
-    checked to fit one kernel."""
+def _modules(adapters: Sequence[tuple[PyTree, LoraConfig]]) -> dict[tuple[Keys, Keys], list[Factor | None]]:
+    """Per adapted weight (of any adapter), by its adapters' keys, each adapter's ``(stacked
+    axes, A, B, scale)`` or None, checked to fit one weight."""
     found = [_factors(params, config) for params, config in adapters]
     modules = {}
-    for keys in sorted(set().union(*found), key=path_str):
+    for keys in sorted(set().union(*found), key=lambda pair: path_str(pair[0])):
         entries = [f.get(keys) for f in found]
-        shapes = {
-            (spec, a.shape[:-1], b.shape[: spec.stack] + b.shape[spec.stack + 1 :])
-            for spec, a, b, _ in filter(None, entries)
-        }
+        shapes = {(n, a.shape[:-1], b.shape[:n] + b.shape[n + 1 :]) for n, a, b, _ in filter(None, entries)}
         if len(shapes) > 1:
             raise ValueError(
-                f"{path_str(keys)}: the adapters disagree on the kernel's layout: {sorted(map(str, shapes))}"
+                f"{path_str(keys[0])}: the adapters disagree on the weight's layout: {sorted(map(str, shapes))}"
             )
         modules[keys] = entries
     return modules
 
 
 def stack(adapters: Sequence[tuple[PyTree, LoraConfig]]) -> dict:
-    """One tree holding `adapters` (each a params tree with adapters and kernels, and its
-    config) along a new adapter axis, for `apply`: ``lora_a (*stack, n, *in, R)`` and
-    ``lora_b (*stack, n, R, *out)``, B times its adapter's scale, ranks zero-padded to R.
+    """One tree holding `adapters` (each a params tree with adapters and weights, and its
+    config) along a new adapter axis, for `apply` / `lora`: ``A (*stack, n, *in, R)`` and
+    ``B (*stack, n, R, *out)``, B times its adapter's scale, ranks zero-padded to R.
 
-    A module that some adapter lacks gets zeros there. Returns the adapters alone (no
-    kernels); `apply` joins them with the base.
+    A weight that some adapter lacks gets zeros there. Returns the adapters alone (no
+    weights); `apply` joins them with the base.
     """
     if not adapters:
         raise ValueError("stack: no adapters")
     flat = {}
     for keys, entries in _modules(adapters).items():
-        spec, a0, b0, _ = next(filter(None, entries))
+        stacked, a0, b0, _ = next(filter(None, entries))
         rank = max(e[1].shape[-1] for e in entries if e)
         dtype = jnp.result_type(*(x for e in entries if e for x in e[1:3]))
         a_list, b_list = [], []
         for entry in entries:
-            spec, a, b, scale = entry or (spec, jnp.zeros_like(a0), jnp.zeros_like(b0), 0.0)
-            a, b = _pad_rank(spec, a.astype(dtype), (scale * b).astype(dtype), rank)
+            _, a, b, scale = entry or (stacked, jnp.zeros_like(a0), jnp.zeros_like(b0), 0.0)
+            a, b = _pad_rank(stacked, a.astype(dtype), (scale * b).astype(dtype), rank)
             a_list.append(a)
             b_list.append(b)
-        flat[(*keys, LORA_A)], flat[(*keys, LORA_B)] = jnp.stack(a_list, spec.stack), jnp.stack(b_list, spec.stack)
+        a_keys, b_keys = keys
+        flat[a_keys], flat[b_keys] = jnp.stack(a_list, stacked), jnp.stack(b_list, stacked)
     return unflatten(flat)
 
 
@@ -182,7 +182,26 @@ def apply(
     return out
 
 
+def lora(fn: Callable) -> Callable:
+    """Any JAX function ``fn(params, *args)`` (NNX, plain jnp, custom einsums; `jlora.interpret`)
+    where example i uses adapter ``ids[i]`` of `stacked` (-1: the base):
+    ``wrapped(base, stacked, ids, *args, **kwargs)``, each adapted contraction factored per
+    example. The examples are axis 0 of every activation an adapted weight meets (checked)."""
+    per_example = interpret.per_example(fn)
+
+    @functools.wraps(fn)
+    def wrapped(base: PyTree, stacked: PyTree, ids: jax.Array, *args, **kwargs) -> Any:
+        return per_example(join(stacked, base), ids, *args, **kwargs)
+
+    return wrapped
+
+
 # -- weighted combination ---------------------------------------------------------------------
+
+
+def _target(a_keys: Keys) -> str:
+    """The target name of the weight that the adapter at `a_keys` adapts: its module's, or its own."""
+    return str(a_keys[-2]) if a_keys[-1] == LORA_A else a_keys[-1].removesuffix(f"_{LORA_A}")
 
 
 def _max_rank(config: LoraConfig) -> int:
@@ -190,12 +209,12 @@ def _max_rank(config: LoraConfig) -> int:
     return max([config.r, *config.rank_pattern.values()])
 
 
-def _matrices(spec: KernelSpec, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _matrices(stacked: int, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A ``(*stack, in, r)`` and B ``(*stack, r, out)`` with input and output axes flattened, in f32."""
-    stack_shape = a.shape[: spec.stack]
+    stack_shape = a.shape[:stacked]
     return (
         a.reshape(*stack_shape, -1, a.shape[-1]).astype(jnp.float32),
-        b.reshape(*stack_shape, b.shape[spec.stack], -1).astype(jnp.float32),
+        b.reshape(*stack_shape, b.shape[stacked], -1).astype(jnp.float32),
     )
 
 
@@ -259,28 +278,29 @@ def combine(
     flat = {}
     for keys, entries in modules.items():
         present = [(w, e) for w, e in zip(weights, entries, strict=True) if e]
-        spec, a0, b0, _ = present[0][1]
-        factors = [(w, scale, *_matrices(spec, a, b)) for w, (_, a, b, scale) in present]
+        stacked, a0, b0, _ = present[0][1]
+        factors = [(w, scale, *_matrices(stacked, a, b)) for w, (_, a, b, scale) in present]
         if combination_type == "cat":
             a = jnp.concatenate([w * s * a for w, s, a, _ in factors], axis=-1)
             b = jnp.concatenate([b for *_, b in factors], axis=-2)
         elif combination_type == "linear":
             if len({a.shape[-1] for _, _, a, _ in factors}) > 1:
-                raise ValueError(f"{path_str(keys)}: combination_type 'linear' needs one rank, the adapters differ")
+                raise ValueError(f"{path_str(keys[0])}: combination_type 'linear' needs one rank, the adapters differ")
             a = sum(math.copysign(math.sqrt(abs(w * s)), w * s) * a for w, s, a, _ in factors)
             b = sum(math.sqrt(abs(w * s)) * b for w, s, _, b in factors)
         else:
             a, b = _svd(sum(w * s * a @ b for w, s, a, b in factors), new_rank, svd_clamp)
         dtype = jnp.result_type(*(x for _, e in present for x in e[1:3]))
         a = a.reshape(*a0.shape[:-1], a.shape[-1]).astype(dtype)
-        b = b.reshape(*b0.shape[: spec.stack], b.shape[-2], *b0.shape[spec.stack + 1 :]).astype(dtype)
-        flat[(*keys, LORA_A)], flat[(*keys, LORA_B)] = _pad_rank(spec, a, b, new_rank)
+        b = b.reshape(*b0.shape[:stacked], b.shape[-2], *b0.shape[stacked + 1 :]).astype(dtype)
+        a_keys, b_keys = keys
+        flat[a_keys], flat[b_keys] = _pad_rank(stacked, a, b, new_rank)
     layers = None if any(c.layers is None for c in configs) else sorted(set().union(*(c.layers for c in configs)))
     config = LoraConfig(
         r=new_rank,
         alpha=new_rank,
         dropout=configs[0].dropout,
-        target_modules=sorted({str(keys[-1]) for keys in modules}),
+        target_modules=sorted({_target(a_keys) for a_keys, _ in modules}),
         layers=layers,
         dtype=configs[0].dtype,
     )

@@ -72,12 +72,15 @@ def unflatten(flat: Mapping[Keys, Any]) -> dict:
     return out
 
 
-def adapter_names(name: str) -> tuple[str, str]:
-    """The sibling names of a weight's adapters: ``kernel -> (lora_a, lora_b)`` (Linen and
-    NNX layers), any other weight ``w -> (w_lora_a, w_lora_b)`` (`jlora.interpret`)."""
+def adapter_names(name: str, kernel_layout: bool = True) -> tuple[str, str]:
+    """The sibling names of a weight's adapters: ``kernel -> (lora_a, lora_b)`` for a kernel laid
+    out ``(*stack, *in, *out)`` (Linen and NNX layers), which `merge`, `peft` and sharding read
+    from the shapes; any other weight ``w``, or a kernel whose axes interleave
+    (``kernel_layout=False``), ``-> (w_lora_a, w_lora_b)``, whose layout only the function
+    that uses it knows (`jlora.interpret`)."""
     if not isinstance(name, str):
         raise ValueError(f"a LoRA target must be a dict entry with a string key, not a leaf at index {name!r}")
-    return (LORA_A, LORA_B) if name == "kernel" else (f"{name}_{LORA_A}", f"{name}_{LORA_B}")
+    return (LORA_A, LORA_B) if name == "kernel" and kernel_layout else (f"{name}_{LORA_A}", f"{name}_{LORA_B}")
 
 
 def is_adapter(name: Any) -> bool:
@@ -129,6 +132,12 @@ def adapted_modules(params: PyTree) -> dict[Keys, dict[str, Any]]:
     (and ``'lora_magnitude': m`` where DoRA put one)."""
     modules: dict[Keys, dict[str, Any]] = {}
     for keys, leaf in flatten(params).items():
+        if is_adapter(keys[-1]) and keys[-1] not in ADAPTER_LEAVES:
+            raise ValueError(
+                f"{path_str(keys)}: an adapter of a weight whose layout only the function using it knows "
+                "(jlora.interpret's naming rule); merge it with jlora.interpret.merge(params, specs, config) "
+                "and apply it with jlora.interpret.lora"
+            )
         if keys[-1] in ("kernel", *ADAPTER_LEAVES):
             modules.setdefault(keys[:-1], {})[keys[-1]] = leaf
     return {keys: leaves for keys, leaves in modules.items() if LORA_A in leaves}

@@ -21,7 +21,7 @@ from flax import nnx
 from jax import lax
 
 import jlora
-from jlora import interpret
+from jlora import interpret, multi
 from jlora.tree import flatten, path_str, unflatten
 
 # --- helpers ----------------------------------------------------------------------------
@@ -231,7 +231,28 @@ def test_errors():
 def test_adapter_names():
     assert interpret.adapter_names("kernel") == ("lora_a", "lora_b")
     assert interpret.adapter_names("gating_einsum") == ("gating_einsum_lora_a", "gating_einsum_lora_b")
+    assert interpret.adapter_names("kernel", kernel_layout=False) == ("kernel_lora_a", "kernel_lora_b")
     assert interpret.is_adapter("lora_b") and interpret.is_adapter("w_lora_a") and not interpret.is_adapter("w")
+
+
+def test_interleaved_kernel_is_named_apart_and_the_shape_readers_refuse_it():
+    """An NNX Einsum kernel ``(N, D, H)`` contracted on D ('oio') gets ``kernel_lora_a``: the
+    `(*stack, *in, *out)` readers (jlora.merge, peft export) would misread its layout from the
+    shapes (here N == D, so the shapes fit 'ioo' too), so they refuse it by name."""
+    layer = nnx.Einsum("btd,ndh->btnh", (4, 4, 6), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    params = nnx.to_pure_dict(state)
+    fn = lambda p, x: nnx.merge(graphdef, p)(x)
+    x = jax.random.normal(jax.random.key(1), (2, 3, 4))
+    config = jlora.LoraConfig(r=2, target_modules=r"kernel")
+    specs = interpret.lora_specs(fn, params, x, targets=config)
+    assert specs["kernel"].roles == "oio"
+    adapted = perturb(interpret.init(params, specs, config, jax.random.key(2)), jax.random.key(3))
+    assert {"kernel_lora_a", "kernel_lora_b"} <= set(adapted)
+    out = interpret.lora(fn, config)(adapted, x)
+    np.testing.assert_allclose(out, fn(interpret.merge(adapted, specs, config), x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kernel_lora_a: an adapter of a weight whose layout only the function"):
+        jlora.merge(adapted, config)
 
 
 # --- (b) Linen in the gemma style: self.param('w') + jnp.einsum, interleaved layouts, bare leaves
@@ -298,6 +319,16 @@ def test_linen_gemma_style(gemma):
     }
     memory = check(fn, params, (tokens,), jlora.LoraConfig(r=2, target_modules=GEMMA_TARGETS), weights=weights)
     assert memory["factored"] < memory["merged"]
+
+
+def test_gemma_style_tree_is_refused_by_the_kernel_merge(gemma):
+    """jlora.merge reads layouts from kernel shapes; on `w_lora_a` adapters it refuses rather than drop them."""
+    model, params, tokens = gemma
+    fn = lambda p, tokens: model.apply({"params": p}, tokens)
+    config = jlora.LoraConfig(r=2, target_modules=GEMMA_TARGETS)
+    adapted = interpret.init(params, interpret.lora_specs(fn, params, tokens, targets=config), config, jax.random.key(0))
+    with pytest.raises(ValueError, match="jlora.interpret.merge"):
+        jlora.merge(adapted, config)
 
 
 def test_linen_tied_embedding_gathered_and_contracted(gemma):
@@ -454,3 +485,75 @@ def test_reshapes_and_slices():
     np.testing.assert_allclose(out, mixed(interpret.merge(adapted, specs, config), x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="qkv: its use by `reshape`"):
         interpret.lora(mixed, config, fallback="error")(adapted, x)
+
+
+# --- per-example adapters (multi.lora) on any function -------------------------------
+
+
+def per_example_matches_each_adapter_alone(fn, params, x, configs, n_examples):
+    """Two adapters stacked: example e under ``ids[e]`` equals that adapter alone (or the base for
+    -1), within 1e-5 in float32 (the same terms summed in another order); one compilation for
+    every mix."""
+    pairs = []
+    for i, config in enumerate(configs):
+        specs = interpret.lora_specs(fn, params, x, targets=config)
+        adapted = perturb(interpret.init(params, specs, config, jax.random.key(i)), jax.random.key(20 + i))
+        pairs.append((adapted, config))
+    alone = [interpret.lora(fn, c)(p, x) for p, c in pairs] + [fn(params, x)]  # alone[-1]: the base
+    assert not np.allclose(alone[0], alone[1], atol=1e-3)
+    forward = jax.jit(multi.lora(fn))
+    stacked = multi.stack(pairs)
+    mixes = [[0, 1, -1, 1][:n_examples], [1, -1, 0, 0][:n_examples], [-1] * n_examples]
+    for mix in mixes:
+        out = forward(params, stacked, jnp.array(mix, jnp.int32), x)
+        expected = np.stack([np.asarray(alone[k][e]) for e, k in enumerate(mix)])
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5, err_msg=str(mix))
+    assert forward._cache_size() == 1
+
+
+def test_per_example_plain_function_under_scan_and_remat():
+    x = jax.random.normal(jax.random.key(1), (TOKENS, 16))
+    params = plain_params(jax.random.key(0))
+    configs = [
+        jlora.LoraConfig(r=2, alpha=4, target_modules=["embed", "up", "down"]),
+        jlora.LoraConfig(r=3, alpha=3, target_modules=["up"], use_rslora=True),
+    ]
+    no_head = lambda p, x: plain({**p, "head": jnp.eye(C, D)}, x)  # its W @ x.T is checked below
+    per_example_matches_each_adapter_alone(no_head, params, x, configs, TOKENS)
+
+    config = jlora.LoraConfig(r=2, target_modules=["head"])
+    specs = interpret.lora_specs(plain, params, x, targets=config)
+    stacked = multi.stack([(interpret.init(params, specs, config, jax.random.key(0)), config)])
+    with pytest.raises(ValueError, match="head: per-example adapters need the examples along axis 0"):
+        multi.lora(plain)(params, stacked, jnp.zeros(TOKENS, jnp.int32), x)
+
+
+def test_per_example_gemma_style_and_nnx(gemma):
+    model, params, tokens = gemma
+    fn = lambda p, tokens: model.apply({"params": p}, tokens)
+    configs = [
+        jlora.LoraConfig(r=2, target_modules=GEMMA_TARGETS),
+        jlora.LoraConfig(r=3, alpha=6, target_modules=["q_einsum", "gating_einsum"]),
+    ]
+    per_example_matches_each_adapter_alone(fn, params, tokens, configs, B)
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    net = lambda p, x: nnx.merge(graphdef, p)(x)
+    x = jax.random.normal(jax.random.key(1), (B, T, DM))
+    configs = [
+        jlora.LoraConfig(r=2, target_modules=["q", "o", "mix", "up", "down", "head"]),
+        jlora.LoraConfig(r=1, alpha=3, target_modules=["mix", "head"]),
+    ]
+    per_example_matches_each_adapter_alone(net, nnx.to_pure_dict(state), x, configs, B)
+
+
+def test_per_example_refuses_uses_without_one_merged_weight(gemma):
+    model, params, tokens = gemma
+    fn = lambda p, tokens: model.apply({"params": p}, tokens)
+    config = jlora.LoraConfig(r=2, target_modules=["input_embedding"])
+    specs = interpret.lora_specs(fn, params, tokens, targets=config)
+    stacked = multi.stack([(interpret.init(params, specs, config, jax.random.key(0)), config)])
+    with pytest.raises(ValueError, match=r"input_embedding: its use by `.*` needs the weight itself"):
+        multi.lora(fn)(params, stacked, jnp.zeros(B, jnp.int32), tokens)
+    with pytest.raises(ValueError, match="1-D integer"):
+        multi.lora(fn)(params, stacked, jnp.zeros((B, 1), jnp.int32), tokens)

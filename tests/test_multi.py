@@ -145,7 +145,7 @@ def test_stack_and_combine_refuse_what_they_cannot_represent(adapters):
     with pytest.raises(ValueError, match="'linear' needs adapters of one rank"):
         multi.combine(pairs, WEIGHTS, "linear")
     adapters_only, _ = jlora.split(*pairs[0])
-    with pytest.raises(ValueError, match="no kernel beside the adapters"):
+    with pytest.raises(ValueError, match="no weight beside them"):
         multi.stack([(adapters_only, pairs[0][1])])
     saving = jlora.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
     with pytest.raises(ValueError, match="modules_to_save"):
