@@ -26,6 +26,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_OUT = "runs/default"
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
+BEST = "best"  # `--keep-best`: the adapters of the lowest held-out loss
 INITIAL_ADAPTERS = "initial_adapters.safetensors"  # a base-changing init's A0, B0 (`fresh_params`)
 # all a run writes
 RUN_FILES = {
@@ -37,6 +38,7 @@ RUN_FILES = {
     "results.json",
     INITIAL_ADAPTERS,
     "tensorboard",
+    BEST,
 }
 # exceptions that mean bad input (exit 2, a message); any other is a bug in jlora (exit 1)
 BAD_INPUT = (ValueError, OSError)
@@ -160,6 +162,18 @@ TRAIN_FLAGS = {
     "--epochs": ("train", "epochs", float, "passes over the training rows, instead of --steps"),
     "--schedule": ("train", "schedule", str, "learning rate after the warmup: cosine (default), linear or constant"),
     "--eval-every": ("train", "eval_every", int, "steps between held-out evaluations during training (default: none)"),
+    "--keep-best": (
+        "train",
+        "keep_best",
+        "flag",
+        "keep the adapters of the lowest held-out loss (with --eval-every) in RUN/best and use them at the end",
+    ),
+    "--early-stopping-patience": (
+        "train",
+        "early_stopping_patience",
+        int,
+        "stop after N held-out evaluations (--eval-every) without a lower loss (default: off)",
+    ),
     "--report-to": (
         "train",
         "report_to",
@@ -748,7 +762,9 @@ def train_run(
     if "before" not in evals:
         evals["before"] = training.evaluate(eval_step, params, held_out, run.train.eval_batch_size, progress)
         _report("before", 0, evals["before"], metrics_file, report)
-    with Checkpoints(out / CHECKPOINTS, max_to_keep=run.train.keep_checkpoints) as checkpoints:
+    best = Checkpoints(out / BEST, max_to_keep=1) if run.train.keep_best else None
+    periodic = Checkpoints(out / CHECKPOINTS, max_to_keep=run.train.keep_checkpoints)
+    with periodic as checkpoints, best or contextlib.nullcontext():
         if checkpoints.latest_step() is not None:
             print(f"resuming from step {checkpoints.latest_step()} of {out / CHECKPOINTS}")
         held_out_metrics = lambda adapters: training.evaluate(
@@ -766,11 +782,16 @@ def train_run(
             mesh,
             held_out_metrics,
             report,
+            best,
         )
+    last_step = history[-1]["step"]
     if "after" not in evals:
         params = jlora.join(adapters, base)
         evals["after"] = training.evaluate(eval_step, params, held_out, run.train.eval_batch_size, progress)
-        _report("after", run.train.steps, evals["after"], metrics_file, report)
+        _report("after", last_step, evals["after"], metrics_file, report)
+    best_step = last_step
+    if best is not None:
+        adapters, best_step, evals["after"] = best_of(out, adapters, base, evals["after"], metrics_file, last_step)
     if jax.process_count() > 1:  # every process holds a part of the adapters: gather them for the export
         from jax.experimental import multihost_utils
 
@@ -781,7 +802,7 @@ def train_run(
     export_peft(run, pretrained, jlora.join(adapters, base), out / "peft", initial)
     during = [r for r in training.read_metrics(metrics_file) if r.get("eval") == "step"]
     training.plot_loss(history, evals, out / "loss.png", during)
-    last = out / CHECKPOINTS / str(run.train.steps)
+    last = out / CHECKPOINTS / str(last_step)
     adapter_bytes, checkpoint_bytes = _bytes_under(last / "adapters"), _bytes_under(last)
     result = {
         "accuracy_before": evals["before"].get("accuracy"),
@@ -791,7 +812,9 @@ def train_run(
         "train_seconds": history[-1]["elapsed_s"],
         "median_tokens_per_s": float(sorted(h["tokens_per_s"] for h in history)[len(history) // 2]),
         "wall_seconds": time.perf_counter() - started,
-        "steps": len(history),
+        "steps": last_step,
+        "stopped_early": bool(history[-1].get("stopped_early", False)),
+        "best_step": best_step,  # the step of the adapters exported and evaluated "after"
         "adapter_bytes": adapter_bytes,  # what export and serving need
         "checkpoint_bytes": checkpoint_bytes,  # with the optimizer state, to resume
         "base_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(base)),
@@ -809,6 +832,26 @@ def train_run(
         f"in {result['wall_seconds']:.0f} s"
     )
     return 0
+
+
+def best_of(out: pathlib.Path, adapters, base, after: dict, metrics_file: pathlib.Path, last_step: int):
+    """``(adapters, step, held-out metrics)`` of the lowest held-out loss: the last step's
+    (`after`) or the evaluation kept in ``out/best``, restored from there."""
+    import jax
+
+    from jlora.checkpoint import Checkpoints, fingerprint
+    from jlora.train import read_metrics
+
+    during = {r["step"]: r for r in read_metrics(metrics_file) if r.get("eval") == "step"}
+    with Checkpoints(out / BEST, max_to_keep=1) as best:
+        step = best.latest_step()
+        if step is None or step not in during or during[step]["loss"] >= after["loss"]:
+            return adapters, last_step, after
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapters)
+        restored = best.restore(like, step=step, base_fingerprint=fingerprint(base))
+    metrics = {k: v for k, v in during[step].items() if k not in ("eval", "step")}
+    print(f"keeping step {step}'s adapters: loss {metrics['loss']:.4f} (step {last_step}: {after['loss']:.4f})")
+    return restored.adapters, step, metrics
 
 
 def _bytes_under(folder: pathlib.Path) -> int:
@@ -861,17 +904,20 @@ def load_run(folder: str):
 
 
 def restore_adapters(folder: pathlib.Path, run: Run, params):
-    """`params` (freshly initialised with `run.lora`) with the run's latest checkpointed
-    adapters, refused if the checkpoint was made against another base."""
+    """`params` (freshly initialised with `run.lora`) with the run's adapters: those a finished
+    `--keep-best` run chose (``best_step`` in results.json), else the latest checkpoint;
+    refused if the checkpoint was made against another base."""
     import jlora
     from jlora.checkpoint import Checkpoints, fingerprint
 
     if not (folder / CHECKPOINTS).exists():
         raise FileNotFoundError(f"{folder} has no {CHECKPOINTS}/ (did the run save a step?)")
+    chosen = _read_json(folder / "results.json").get("best_step") if (folder / "results.json").exists() else None
+    kept = chosen is not None and (folder / BEST / str(chosen)).exists()
     template, base = jlora.split(params, run.lora)
-    with Checkpoints(folder / CHECKPOINTS) as checkpoints:
-        adapters = checkpoints.restore(template, base_fingerprint=fingerprint(base)).adapters
-    return jlora.join(adapters, base)
+    with Checkpoints(folder / (BEST if kept else CHECKPOINTS)) as checkpoints:
+        restored = checkpoints.restore(template, step=chosen if kept else None, base_fingerprint=fingerprint(base))
+    return jlora.join(restored.adapters, base)
 
 
 def cmd_eval(args) -> int:

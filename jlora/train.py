@@ -56,6 +56,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     schedule: str = "cosine"  # after the warmup: "cosine" or "linear" decay to zero, or "constant"
     eval_every: int | None = None  # steps between held-out evaluations during training
+    keep_best: bool = False  # keep the adapters of the best held-out loss (of `eval_every` and the end) and use them
+    early_stopping_patience: int | None = None  # stop after this many evaluations without a lower held-out loss
     epochs: float | None = None  # passes over the data; sets `steps` once the data is known (`with_epochs`)
     quantize: str | None = None  # frozen kernels stored in "nf4", "int8" or "bf16" (QLoRA, `jlora.quantize`)
     loraplus_ratio: float | None = None  # LoRA+: B trained at this many times the learning rate (`jlora.loraplus`)
@@ -71,6 +73,10 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.eval_every is not None and self.eval_every < 1:
             raise ValueError(f"eval_every must be at least 1, got {self.eval_every}")
+        if (self.keep_best or self.early_stopping_patience is not None) and self.eval_every is None:
+            raise ValueError("keep_best and early_stopping_patience compare held-out losses: set eval_every too")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"early_stopping_patience must be at least 1, got {self.early_stopping_patience}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.quantize is not None and self.quantize not in FORMATS:
@@ -330,6 +336,7 @@ def fit(
     mesh: Mesh | None = None,
     evaluate: Callable[[Any], dict] | None = None,
     report: Callable[[dict], None] | None = None,
+    best: Checkpoints | None = None,
 ) -> tuple[Any, list[dict]]:
     """Train `adapters` for `config.steps` steps; returns them and the per-step history.
     `adapters` are donated to the step (their buffers are reused): keep no other reference.
@@ -343,7 +350,11 @@ def fit(
     With `evaluate` (adapters -> held-out metrics) and `config.eval_every`, the held-out
     metrics every that many steps (before the last) go to `metrics_file` as
     ``{"eval": "step", "step": …}`` records. `report` (e.g. `TensorBoard`) receives every
-    record written there too.
+    record written there too. `best` (a `Checkpoints` of one) then receives the adapters of
+    each evaluation that lowers the held-out loss, and ``config.early_stopping_patience``
+    stops training (with a checkpoint of that step) after that many evaluations without one,
+    as transformers' ``EarlyStoppingCallback`` does; the last history record then says
+    ``"stopped_early": True``.
 
     With a `mesh` (`jlora.sharding.make_mesh`), the base is placed once, sharded by its
     logical axes, adapters and optimizer state by their kernels', and each process loads
@@ -363,13 +374,14 @@ def fit(
     batches = Batches(train, config.batch_size * config.grad_accum, config.seed)
     lr = schedule(config)
     base_fingerprint, data_fingerprint = (fingerprint(base), split_fingerprint(train)) if checkpoints else (None, None)
-    start, history = 0, []
+    start, history, losses = 0, [], []  # losses: the held-out losses of the evaluations so far
     if checkpoints is not None and checkpoints.latest_step() is not None:
         restored = checkpoints.restore(adapters, opt_state, base_fingerprint=base_fingerprint)  # same placement
         if restored.meta["data"]["hash"] != data_fingerprint:
             raise ValueError(f"{checkpoints.directory}: the training data differ from those the checkpoint was made on")
         adapters, opt_state, start = restored.adapters, restored.opt_state, restored.step
         history = [r for r in read_metrics(metrics_file) if r.get("step", 0) <= start and "eval" not in r]
+    losses = [r["loss"] for r in read_metrics(metrics_file) if r.get("eval") == "step" and r["step"] <= start]
     if checkpoints is not None:  # records of steps after the checkpoint (or of all, without one) are redone
         rewrite_metrics(metrics_file, lambda r: r.get("step", 0) <= start)
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress)
@@ -391,9 +403,24 @@ def fit(
             "elapsed_s": time.perf_counter() - began,
             "epoch": batches.position(step)[0],
         }
+        evaluated = None
+        if evaluate is not None and config.eval_every and (step + 1) % config.eval_every == 0 < config.steps - step - 1:
+            evaluated = evaluate(adapters)
+            if best is not None and (not losses or evaluated["loss"] < min(losses)):
+                best.save(step + 1, adapters, None, config=task.lora, base_fingerprint=fingerprint(base))
+            losses.append(evaluated["loss"])
+        patience = config.early_stopping_patience
+        stopping = patience is not None and len(losses) > patience
+        stopping = stopping and min(losses[-patience:]) >= min(losses[:-patience])  # no new best in `patience`
+        if stopping:
+            record["stopped_early"] = True
         history.append(record)
         append_record(metrics_file, record, report)
-        if checkpoints is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+        if evaluated is not None:
+            append_record(metrics_file, {"eval": "step", "step": step + 1, **evaluated}, report)
+        if checkpoints is not None and (
+            (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or stopping
+        ):
             epoch, index = batches.position(step + 1)
             checkpoints.save(
                 step + 1,
@@ -404,10 +431,11 @@ def fit(
                 metrics={"loss": record["loss"]},
                 extra={"data": {"hash": data_fingerprint, "epoch": epoch, "batch": index}},
             )
-        if evaluate is not None and config.eval_every and (step + 1) % config.eval_every == 0 < config.steps - step - 1:
-            append_record(metrics_file, {"eval": "step", "step": step + 1, **evaluate(adapters)}, report)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update()
+        if stopping:
+            print(f"early stopping at step {step + 1}: no lower held-out loss in {patience} evaluations")
+            break
     bar.close()
     if checkpoints is not None:
         checkpoints.wait()

@@ -326,8 +326,9 @@ def test_gemma_style_tree_is_refused_by_the_kernel_merge(gemma):
     model, params, tokens = gemma
     fn = lambda p, tokens: model.apply({"params": p}, tokens)
     config = jlora.LoraConfig(r=2, target_modules=GEMMA_TARGETS)
-    adapted = interpret.init(params, interpret.lora_specs(fn, params, tokens, targets=config), config, jax.random.key(0))
-    with pytest.raises(ValueError, match="jlora.interpret.merge"):
+    specs = interpret.lora_specs(fn, params, tokens, targets=config)
+    adapted = interpret.init(params, specs, config, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"jlora\.interpret\.merge"):
         jlora.merge(adapted, config)
 
 

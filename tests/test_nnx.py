@@ -87,7 +87,8 @@ def torch_mlp(pure: dict):
 
     twin = Twin()
     with torch.no_grad():
-        for module, p in [*zip(twin.layers, [pure["layers"][0], pure["layers"][1]]), (twin.head, pure["head"])]:
+        pairs = [(twin.layers[0], pure["layers"][0]), (twin.layers[1], pure["layers"][1]), (twin.head, pure["head"])]
+        for module, p in pairs:
             module.weight.copy_(torch.from_numpy(np.asarray(p["kernel"]).T.copy()))
             module.bias.copy_(torch.from_numpy(np.asarray(p["bias"])))
     return twin.eval()

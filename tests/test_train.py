@@ -125,3 +125,33 @@ def test_bfloat16_compute_keeps_float32_adapters_and_state(setup):
     trained, history = training.fit(task, adapters, base, split, config, progress=False)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(trained))
     assert np.isfinite([h["loss"] for h in history]).all()
+
+
+def test_early_stopping_and_the_best_adapters(setup, tmp_path):
+    """Held-out losses 1.0, 0.5, 0.6, 0.7 at steps 2, 4, 6, 8 with patience 2: training stops at
+    step 8 (two evaluations without a new best), checkpointed there, and `best` holds step 4's
+    adapters exactly (transformers' EarlyStoppingCallback and load_best_model_at_end)."""
+    from jlora.checkpoint import Checkpoints, fingerprint
+
+    pretrained, lora, params, split = setup
+    adapters, base = fresh_split(params, lora)
+    task = training.task_for(pretrained, lora, split)
+    config = training.TrainConfig(steps=20, eval_every=2, early_stopping_patience=2, keep_best=True)
+    losses, seen = iter([1.0, 0.5, 0.6, 0.7, 0.1]), {}
+
+    def evaluate(adapters):
+        seen[len(seen) * 2 + 2] = jax.tree.map(np.array, adapters)
+        return {"loss": next(losses)}
+
+    with Checkpoints(tmp_path / "ckpt") as checkpoints, Checkpoints(tmp_path / "best", max_to_keep=1) as best:
+        trained, history = training.fit(
+            task, adapters, base, split, config, tmp_path / "m.jsonl", False, checkpoints, None, evaluate, None, best
+        )
+        best.wait()
+        assert [h["step"] for h in history] == list(range(1, 9)) and history[-1]["stopped_early"]
+        assert checkpoints.latest_step() == 8 and best.latest_step() == 4
+        kept = best.restore(jax.tree.map(jnp.zeros_like, trained), base_fingerprint=fingerprint(base)).adapters
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(seen[4]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="set eval_every too"):
+        training.TrainConfig(early_stopping_patience=2)

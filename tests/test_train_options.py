@@ -144,3 +144,31 @@ def test_report_to_tensorboard_writes_every_metrics_record(sources, tmp_path):
     evals = [r for r in records if "eval" in r]  # before (step 0), during (step 2), after (step 4)
     assert [s for s, _ in scalars["eval/loss"]] == [r["step"] for r in evals] == [0, 2, 4]
     assert {"train/lr", "train/grad_norm", "train/tokens_per_s"} <= scalars.keys()
+
+
+def test_keep_best_exports_and_reloads_the_lowest_held_out_loss(sources, tmp_path):
+    """Whichever evaluation has the lowest held-out loss (one during training or the last step),
+    `results.json`, `peft/` and `jlora eval` use those adapters."""
+    out = tmp_path / "best"
+    args = ["train", "--model", str(sources["model"]), "--data", str(sources["csv"]), *FAST, "--rank", "2"]
+    assert cli.main([*args, "--steps", "9", "--eval-every", "3", "--lr", "0.3", "--keep-best", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["loss"] for r in records if r.get("eval") in ("step", "after")}
+    assert sorted(evals) == [3, 6, 9]
+    results = json.loads((out / "results.json").read_text())
+    assert results["best_step"] == min(evals, key=evals.get) and results["loss_after"] == min(evals.values())
+    assert not results["stopped_early"]
+    # the run's adapters, reloaded (from best/ or checkpoints/) and from peft/, give the chosen loss again
+    for source in (out, out / "peft"):
+        _, pretrained, _, _, held_out = cli.load_run(str(out))
+        params, _ = cli.load_adapters(str(source), pretrained)
+        run = cli.load_run(str(out))[0]
+        task = training.task_for(pretrained, run.lora, held_out, held_out)
+        metrics = training.evaluate(training.make_eval_step(task), params, held_out, 32, False)
+        np.testing.assert_allclose(metrics["loss"], results["loss_after"], rtol=1e-5)  # float32, same sums
+
+
+def test_early_stopping_patience_needs_eval_every(sources, tmp_path, capsys):
+    args = ["train", "--model", str(sources["model"]), "--data", str(sources["csv"]), *FAST]
+    assert cli.main([*args, "--early-stopping-patience", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "set eval_every too" in capsys.readouterr().err and not (tmp_path / "x").exists()
