@@ -212,6 +212,13 @@ def quantized_train(spec: dict) -> tuple[Candidates, dict]:
     return train(spec)
 
 
+def packing_train(spec: dict) -> tuple[Candidates, dict]:
+    """The default run's step, packed or not (`benchmarks.packing`)."""
+    from benchmarks.packing import packing_train as train
+
+    return train(spec)
+
+
 def rss_high_water() -> int | None:
     """Peak RSS in bytes since the start or the last `reset_rss_high_water` (Linux's VmHWM)."""
     try:
@@ -234,6 +241,7 @@ SIDES = {
     "torch": torch_train,
     "peer": peer_train,
     "quantized": quantized_train,
+    "packing": packing_train,
 }
 
 

@@ -101,6 +101,24 @@ class Split:
 
 # -- reading -------------------------------------------------------------------------------------
 
+CHAT_QUESTION = "Is this movie review positive or negative?\n\n{text}"
+
+
+def chat_example(rows: int = 2000, seed: int = 0) -> list[dict]:
+    """`rows` Rotten Tomatoes sentences (a seeded sample) as one-turn conversations: the user
+    asks `CHAT_QUESTION`, the assistant answers "Positive." or "Negative." (the README's chat
+    fine-tuning example, from offline data)."""
+    table = read(DataConfig()).shuffle(seed=seed)
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": CHAT_QUESTION.format(text=row["text"])},
+                {"role": "assistant", "content": f"{row['label'].capitalize()}."},
+            ]
+        }
+        for row in table.select(range(min(rows, len(table))))
+    ]
+
 
 def read(config: DataConfig):
     """The rows of `config.files` as a `datasets.Dataset` (the default task: Rotten Tomatoes

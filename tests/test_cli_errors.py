@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from jlora import cli
+from jlora import cli, finetune
 from tests import tiny_task
 
 pytest.importorskip("torch")
@@ -215,7 +215,7 @@ def test_a_killed_overwrite_leaves_the_old_run_or_the_new_one_complete(workdir, 
     out = tmp_path / "run"
     shutil.copytree(workdir / "run", out)
     old = snapshot(out)
-    aside = cli.previous_of(out)
+    aside = finetune.previous_of(out)
     started = time.monotonic()
     reached = {
         "moved aside": lambda: aside.exists(),
