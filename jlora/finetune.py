@@ -220,6 +220,11 @@ def load_inputs(run: Run, mesh=None):
     data.check_columns(table, run.data)  # absent columns
     data.held_out_rows(table, run.data)  # more held out than there are rows
     pretrained = load_model(run, label_count(run, table))  # unknown presets, files that are not models
+    if run.data.task == "classification":  # a new head trains whole: DistilBERT's pre_classifier too
+        heads = [m for m in pretrained.config.family.head_modules if m not in run.lora.modules_to_save]
+        run = dataclasses.replace(
+            run, lora=dataclasses.replace(run.lora, modules_to_save=[*run.lora.modules_to_save, *heads])
+        )
     train, held_out = data.prepare(run.data, pretrained.tokenizer)  # seq_len too small
     train = data.packed_for_training(run.data, train, run.train.batch_size * run.train.grad_accum)
     run = dataclasses.replace(run, data=dataclasses.replace(run.data, packing="segment_ids" in train.arrays))

@@ -24,7 +24,7 @@ import json
 import math
 import pathlib
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -243,7 +243,7 @@ def export(
         "rank_pattern": {re_exact(n): r for n, r in ranks.items() if r != r_all},
         "alpha_pattern": {re_exact(n): a for n, a in alphas.items() if not math.isclose(a, alpha_all)},
         # full names: peft wraps every module whose name ends with an entry ("norm": input_layernorm too)
-        "modules_to_save": sorted({k.removeprefix(PREFIX).rsplit(".", 1)[0] for k in saved}) or None,
+        "modules_to_save": _saved_modules(saved, present) or None,
         "layers_to_transform": list(config.layers) if config.layers is not None else None,
         **({"ensure_weight_tying": True} if tied else {}),
         "use_dora": config.use_dora,
@@ -267,6 +267,22 @@ def _check_initial(config: LoraConfig, initial: PyTree | None) -> None:
         )
     if initial is not None and not config.changes_base:
         raise ValueError(f"export: initial= converts base-changing inits (PiSSA, OLoRA); init={config.init!r} is not")
+
+
+def _saved_modules(saved: Iterable[str], leaves: Iterable[str]) -> list[str]:
+    """peft's modules_to_save for the saved tensors: per saved parameter, its outermost module
+    whose parameters (among the model's `leaves`) are all saved. peft wraps whole modules: a
+    head such as RoBERTa's ``classifier`` (``dense``, ``out_proj``) is one entry, which SEQ_CLS
+    adapters also name; its parts listed apart would be wrapped twice."""
+    names = {name.removeprefix(PREFIX) for name in saved}
+    leaves = list(leaves)
+    out = set()
+    for name in names:
+        parts = name.split(".")[:-1]
+        ancestors = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        whole = (a for a in ancestors if all(n in names for n in leaves if n.startswith(f"{a}.")))
+        out.add(next(whole, ".".join(parts)))
+    return sorted(out)
 
 
 def re_exact(name: str) -> str:

@@ -98,3 +98,20 @@ def test_formats_from_suffix_or_flag(tmp_path):
         data.read(data.DataConfig(files=(str(tmp_path / "c.data"),)))
     with pytest.raises(ValueError, match="data format must be one of"):
         data.DataConfig(format="xlsx")
+
+
+def test_chat_example_asks_each_review_and_answers_its_label(tmp_path):
+    """The README's chat data: a seeded sample of the default task's rows as conversations,
+    detected as chat, the assistant's answer the row's label."""
+    from jlora.models.__main__ import main
+
+    rows = {row["text"]: row["label"] for row in data.read(data.DataConfig())}
+    assert main(["chat-example", str(tmp_path / "chat.jsonl"), "30"]) == 0
+    config = data.DataConfig(files=(str(tmp_path / "chat.jsonl"),))
+    table = data.read(config)
+    assert len(table) == 30 and data.resolve_task(config, table).task == "chat"
+    for row in table:
+        user, assistant = row["messages"]
+        text = user["content"].removeprefix("Is this movie review positive or negative?\n\n")
+        assert assistant == {"role": "assistant", "content": f"{rows[text].capitalize()}."}
+    assert main(["chat-example", str(tmp_path / "chat.jsonl")]) == 2  # never over a file

@@ -36,6 +36,7 @@ DECODERS = {
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),  # drawn in tests/test_phi3.py
 }
 GEMMA = ("gemma2", "gemma3_text")
 # the fields a draw may set to a value jlora refuses (see `odd_fields`), by family

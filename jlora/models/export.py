@@ -14,7 +14,7 @@ import numpy as np
 import jlora
 from jlora.models.bert import BertConfig
 from jlora.models.llama import ATTENTION_BIAS, GEMMA, LlamaConfig
-from jlora.models.loading import hf_name
+from jlora.models.loading import ARCHITECTURES, hf_name
 from jlora.staging import staged
 from jlora.tree import flatten, path_str
 
@@ -25,7 +25,11 @@ HF_CLASSES = {
     "qwen3": "Qwen3Config",
     "gemma2": "Gemma2Config",
     "gemma3_text": "Gemma3TextConfig",
+    "phi3": "Phi3Config",
     "bert": "BertConfig",
+    "roberta": "RobertaConfig",
+    "xlm-roberta": "XLMRobertaConfig",
+    "distilbert": "DistilBertConfig",
 }
 
 
@@ -54,18 +58,11 @@ def hf_config(config: LlamaConfig | BertConfig, architecture: str):
 
     common = {"vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "architectures": [architecture]}
     if isinstance(config, BertConfig):
-        return transformers.BertConfig(
+        return getattr(transformers, HF_CLASSES[config.model_type])(
             **common,
-            num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_heads,
-            intermediate_size=config.intermediate_size,
             max_position_embeddings=config.max_position_embeddings,
-            type_vocab_size=config.type_vocab_size,
-            layer_norm_eps=config.layer_norm_eps,
-            hidden_dropout_prob=config.hidden_dropout,
-            attention_probs_dropout_prob=config.attention_dropout,
-            classifier_dropout=config.classifier_dropout,
             num_labels=config.num_labels,
+            **encoder_fields(config),
         )
     return getattr(transformers, HF_CLASSES[config.model_type])(
         **common,
@@ -79,6 +76,31 @@ def hf_config(config: LlamaConfig | BertConfig, architecture: str):
         tie_word_embeddings=config.tie_word_embeddings,
         **family_fields(config),
     )
+
+
+def encoder_fields(config: BertConfig) -> dict:
+    """The transformers config fields of a BERT-family `config` that `BertConfig.from_hf` reads
+    back (DistilBERT's under its own names)."""
+    if config.model_type == "distilbert":
+        return {
+            "n_layers": config.num_layers,
+            "n_heads": config.num_heads,
+            "hidden_dim": config.intermediate_size,
+            "dropout": config.hidden_dropout,
+            "attention_dropout": config.attention_dropout,
+            "seq_classif_dropout": config.classifier_rate,
+        }
+    fields = {
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": config.intermediate_size,
+        "type_vocab_size": config.type_vocab_size,
+        "layer_norm_eps": config.layer_norm_eps,
+        "hidden_dropout_prob": config.hidden_dropout,
+        "attention_probs_dropout_prob": config.attention_dropout,
+        "classifier_dropout": config.classifier_dropout,
+    }
+    return fields if config.padding_idx is None else {**fields, "pad_token_id": config.padding_idx}
 
 
 def hf_rope(config: LlamaConfig) -> dict:
@@ -100,6 +122,15 @@ def hf_rope(config: LlamaConfig) -> dict:
             "truncate": config.rope_truncate,
             "attention_factor": config.rope_attention_factor,
         }
+    if config.rope_type == "longrope":
+        rope |= {
+            "original_max_position_embeddings": config.rope_original_max_positions,
+            "short_factor": list(config.rope_short_factor),
+            "long_factor": list(config.rope_long_factor),
+            "attention_factor": config.rope_attention_factor,
+        }
+    if config.partial_rotary_factor != 1.0:
+        rope["partial_rotary_factor"] = config.partial_rotary_factor
     if config.model_type != "gemma3_text":
         return rope
     local = rope if config.rope_local_theta is None else {"rope_type": "default", "rope_theta": config.rope_local_theta}
@@ -114,8 +145,13 @@ def family_fields(config: LlamaConfig) -> dict:
         extra["attention_bias"] = config.o_bias
     if family == "llama":
         extra["mlp_bias"] = config.mlp_bias
-    if family == "mistral":
+    if family in ("mistral", "phi3"):
         extra["sliding_window"] = config.sliding_window
+    if family == "phi3":
+        # Phi3Config puts its own original_max_position_embeddings into a longrope's parameters; it
+        # keeps no token ids (the tokenizer has them), and its default pad_token_id (32000) would
+        # be past a small vocabulary
+        extra |= {"original_max_position_embeddings": config.rope_original_max_positions, "pad_token_id": None}
     default_type = "full_attention" if config.sliding_window is None else "sliding_attention"
     layer_types = list(config.layer_types or (default_type,) * config.num_layers)
     if family in ("qwen2", "qwen3") and config.sliding_window is not None:
@@ -156,6 +192,10 @@ def save_hf(pretrained, params: dict, out: str | pathlib.Path) -> pathlib.Path:
     if any(k[-1] in (jlora.tree.LORA_A, jlora.tree.LORA_B) for k in flatten(params)):
         raise ValueError("params still hold LoRA factors; pass jlora.merge(params, config)")
     architecture = type(pretrained.model).__name__
+    if isinstance(pretrained.config, BertConfig):  # BertModel of a RoBERTa config: RobertaModel
+        architecture = architecture.replace("Bert", pretrained.config.family.stem, 1)
+    else:  # LlamaForCausalLM of a Phi-3 (Mistral, …) config: its family's class, which jlora reloads
+        (architecture,) = ARCHITECTURES[pretrained.config.model_type]
     with staged(out) as staging:
         hf_config(pretrained.config, architecture).save_pretrained(staging)
         save_file(hf_tensors(pretrained.model, params), staging / "model.safetensors", metadata={"format": "pt"})

@@ -1,12 +1,14 @@
-"""The Llama family in Flax Linen: Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3.
+"""The Llama family in Flax Linen: Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3.
 
 One decoder with options covers them all (`LlamaConfig`): per-head q/k norms (Qwen3, Gemma 3),
 norms scaled by ``1 + weight``, embeddings scaled by sqrt(hidden_size), norms after attention
 and the MLP as well as before, GeGLU, a query scale, attention and final logit soft-capping
-(Gemma), per-layer sliding windows and a separate RoPE base for sliding layers (Gemma 3).
+(Gemma), per-layer sliding windows and a separate RoPE base for sliding layers (Gemma 3), fused
+q/k/v and gate/up projections, partial RoPE and LongRoPE (Phi-3).
 
 Module names and nesting follow Hugging Face's (``model/layers_3/self_attn/q_proj``,
-``model/layers_3/mlp/gate_proj``, ``lm_head``), so peft target lists work unchanged and a
+``model/layers_3/mlp/gate_proj``, ``lm_head``; Phi-3's fused ``self_attn/qkv_proj`` and
+``mlp/gate_up_proj`` stay fused), so peft target lists work unchanged and a
 parameter path maps to its checkpoint tensor by replacing ``/`` with ``.``.
 """
 
@@ -25,13 +27,15 @@ import numpy as np
 from jlora.models.layers import KVCache, RMSNorm, attention, causal_mask, dense, run_layers, tanh_cap
 
 Dtype = Any
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 NO_WINDOW = np.iinfo(np.int32).max  # the window of a full-attention layer
 ACTIVATIONS = {"silu": nn.silu, "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True)}
 GEMMA = ("gemma2", "gemma3_text")
 # the families whose transformers model reads `attention_bias` (on q, k, v and o)
 ATTENTION_BIAS = ("llama", "qwen3", *GEMMA)
+# the families whose transformers model has fused qkv_proj and gate_up_proj
+FUSED = ("phi3",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +47,11 @@ class LlamaConfig:
     by sqrt(hidden_size); `sandwich_norms`, norms on the attention and MLP outputs too (Gemma's
     post_attention_layernorm, pre_/post_feedforward_layernorm); `query_pre_attn_scalar`, scores
     scaled by its inverse square root instead of head_dim's; soft-capping of attention scores
-    and of the logits; `rope_local_theta`, the base of a default RoPE for sliding layers."""
+    and of the logits; `rope_local_theta`, the base of a default RoPE for sliding layers;
+    `fused`, one ``qkv_proj`` for q, k and v (heads in that order) and one ``gate_up_proj`` for
+    gate then up (Phi-3), split after the projection; `partial_rotary_factor`, RoPE over the first
+    ``int(head_dim * factor)`` dims of each head only; LongRoPE's per-frequency `rope_short_factor`
+    and `rope_long_factor`, the long ones once a position reaches `rope_original_max_positions`."""
 
     vocab_size: int
     hidden_size: int
@@ -79,6 +87,10 @@ class LlamaConfig:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     rope_local_theta: float | None = None  # sliding layers' RoPE (None: the global one)
+    fused: bool = False
+    partial_rotary_factor: float = 1.0
+    rope_short_factor: tuple[float, ...] | None = None  # longrope
+    rope_long_factor: tuple[float, ...] | None = None  # longrope
 
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
@@ -91,10 +103,25 @@ class LlamaConfig:
             raise ValueError(f"layer_types {self.layer_types} must give one of {LAYER_TYPES} per layer")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; jlora supports {list(ACTIVATIONS)}")
+        frequencies = len(default_inv_freq(self.rope_theta, self.rotary_dim))
+        if not 0 < 2 * frequencies <= self.head_dim:
+            raise ValueError(
+                f"partial_rotary_factor {self.partial_rotary_factor} gives {2 * frequencies} rotary dims "
+                f"of head_dim {self.head_dim}; jlora needs 2 .. head_dim"
+            )
+        if self.rope_type == "longrope":
+            for name in ("rope_short_factor", "rope_long_factor"):
+                if len(getattr(self, name) or ()) != frequencies:
+                    raise ValueError(f"longrope needs {name} of {frequencies} numbers, one per RoPE frequency")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head that RoPE rotates (the first ones), as transformers computes them."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @classmethod
     def from_hf(cls, hf: Any) -> LlamaConfig:
-        """From a transformers config object (Llama, Mistral, Qwen2, Qwen3, Gemma 2 or Gemma 3 text),
+        """From a transformers config object (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text or Phi-3),
         with the fields each family's model reads (`jlora.models.loading.check_hf_config` refuses the rest)."""
         family, heads = hf.model_type, hf.num_attention_heads
         gemma = family in GEMMA
@@ -119,7 +146,7 @@ class LlamaConfig:
             rope_beta_fast=rope.get("beta_fast") or 32.0,
             rope_beta_slow=rope.get("beta_slow") or 1.0,
             rope_truncate=rope.get("truncate", True),
-            rope_attention_factor=yarn_attention_factor(rope) if rope.get("rope_type") == "yarn" else 1.0,
+            rope_attention_factor=rope_attention_factor(rope, hf.max_position_embeddings),
             tie_word_embeddings=bool(hf.tie_word_embeddings),
             qkv_bias=attention_bias or family == "qwen2",
             o_bias=attention_bias,
@@ -137,11 +164,18 @@ class LlamaConfig:
             attn_logit_softcapping=hf.attn_logit_softcapping if family == "gemma2" else None,
             final_logit_softcapping=hf.final_logit_softcapping if gemma else None,
             rope_local_theta=None if local_rope is None else local_rope["rope_theta"],
+            fused=family in FUSED,
+            partial_rotary_factor=rope.get("partial_rotary_factor", 1.0),
+            rope_short_factor=_floats(rope.get("short_factor")),
+            rope_long_factor=_floats(rope.get("long_factor")),
         )
 
-    def inv_freq(self) -> np.ndarray:
-        """RoPE inverse frequencies, with the config's scaling (as transformers computes them)."""
-        inv = default_inv_freq(self.rope_theta, self.head_dim)
+    def inv_freq(self, long: bool = False) -> np.ndarray:
+        """RoPE inverse frequencies, with the config's scaling (as transformers computes them);
+        `long` picks LongRoPE's long factors."""
+        inv = default_inv_freq(self.rope_theta, self.rotary_dim)
+        if self.rope_type == "longrope":
+            return inv / np.asarray(self.rope_long_factor if long else self.rope_short_factor, np.float64)
         if self.rope_type == "linear":
             return inv / self.rope_factor
         if self.rope_type == "llama3":
@@ -162,7 +196,7 @@ class LlamaConfig:
     def _yarn(self, inv: np.ndarray) -> np.ndarray:
         """YaRN: interpolated (inv / factor) low frequencies, extrapolated (inv) high ones,
         blended by a linear ramp over the correction range (transformers' formula)."""
-        dim, original = self.head_dim, self.rope_original_max_positions
+        dim, original = self.rotary_dim, self.rope_original_max_positions
         correction = lambda turns: dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(self.rope_theta))
         low, high = correction(self.rope_beta_fast), correction(self.rope_beta_slow)
         if self.rope_truncate:
@@ -182,7 +216,7 @@ class LlamaConfig:
         one, then with `rope_local_theta` the sliding layers' one."""
         if self.rope_local_theta is None:
             return self.inv_freq()[None], np.array([self.rope_attention_factor])
-        local = default_inv_freq(self.rope_local_theta, self.head_dim)
+        local = default_inv_freq(self.rope_local_theta, self.rotary_dim)
         return np.stack([self.inv_freq(), local]), np.array([self.rope_attention_factor, 1.0])
 
     def per_layer(self) -> dict[str, np.ndarray]:
@@ -212,16 +246,35 @@ def hf_ropes(hf: Any) -> tuple[dict, dict | None]:
 
 def hf_windows(hf: Any) -> tuple[int | None, tuple[str, ...] | None]:
     """(sliding window, layer types) as each family's transformers model applies them: Llama has
-    none; Mistral windows every layer; Qwen2 and Qwen3 the sliding ones of their layer_types,
+    none; Mistral and Phi-3 window every layer; Qwen2 and Qwen3 the sliding ones of their layer_types,
     with use_sliding_window; Gemma the sliding ones of its layer_types."""
     if hf.model_type == "llama":
         return None, None
-    if hf.model_type == "mistral":
+    if hf.model_type in ("mistral", "phi3"):
         return hf.sliding_window, None
     if hf.model_type in GEMMA:
         return hf.sliding_window, tuple(hf.layer_types)
     window = hf.sliding_window if getattr(hf, "use_sliding_window", True) else None
     return window, None if window is None else tuple(hf.layer_types)
+
+
+def rope_attention_factor(rope: dict, max_positions: int) -> float:
+    """The scale of cos and sin: YaRN's and LongRoPE's (`attention_factor`, or derived from the
+    scaling factor); 1 for the other RoPE types."""
+    kind = rope.get("rope_type")
+    if kind == "yarn":
+        return yarn_attention_factor(rope)
+    if kind != "longrope":
+        return 1.0
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    original = rope["original_max_position_embeddings"]
+    factor = rope.get("factor") or max_positions / original
+    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def _floats(values: Any) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
 
 
 def yarn_attention_factor(rope: dict) -> float:
@@ -234,10 +287,13 @@ def yarn_attention_factor(rope: dict) -> float:
 
 
 def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotary embedding in Hugging Face's layout (rotate the two halves of head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+    """Rotary embedding in Hugging Face's layout (rotate the two halves of the rotary dims: the
+    first ``cos.shape[-1]`` of head_dim; the rest pass unchanged)."""
+    width = cos.shape[-1]
+    x, rest = x[..., :width], x[..., width:]
+    rotated = jnp.concatenate([-x[..., width // 2 :], x[..., : width // 2]], axis=-1)
+    out = x * cos[:, :, None] + rotated * sin[:, :, None]
+    return jnp.concatenate([out, rest], axis=-1).astype(x.dtype)
 
 
 def rms_norm(config: LlamaConfig, dtype: Dtype, param_dtype: Dtype, name: str, axis_name: str = "embed") -> RMSNorm:
@@ -253,14 +309,16 @@ class LlamaAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, segment_ids, cos, sin, window=None):
         c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        q = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), use_bias=c.qkv_bias, name="q_proj", **kw)
-        k = dense(
-            (c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, name="k_proj", **kw
-        )
-        v = dense(
-            (c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, name="v_proj", **kw
-        )
-        q, k, v = q(x), k(x), v(x)
+        project = lambda heads, axis, name: dense(
+            (heads, c.head_dim), ("embed", axis, "head_dim"), use_bias=c.qkv_bias, name=name, **kw
+        )(x)
+        if c.fused:  # one projection, its heads q's then k's then v's (Phi-3)
+            qkv = project(c.num_heads + 2 * c.num_kv_heads, "qkv_heads", "qkv_proj")
+            q, k, v = jnp.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=-2)
+        else:
+            q = project(c.num_heads, "heads", "q_proj")
+            k = project(c.num_kv_heads, "kv_heads", "k_proj")
+            v = project(c.num_kv_heads, "kv_heads", "v_proj")
         if c.qk_norm:  # per head, before RoPE
             q = rms_norm(c, name="q_norm", axis_name="head_dim", **kw)(q)
             k = rms_norm(c, name="k_norm", axis_name="head_dim", **kw)(k)
@@ -286,8 +344,12 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype, "use_bias": self.config.mlp_bias}
-        gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
-        up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        if c.fused:  # one projection, gate's outputs then up's (Phi-3)
+            gate_up = dense((2, c.intermediate_size), ("embed", "gate_up", "mlp"), name="gate_up_proj", **kw)(x)
+            gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+        else:
+            gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+            up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         return dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(ACTIVATIONS[c.hidden_act](gate) * up)
 
 
@@ -354,9 +416,15 @@ class LlamaModel(nn.Module):
 
 
 def rope_tables(config: LlamaConfig, positions: jax.Array, dtype: Dtype) -> tuple[jax.Array, jax.Array]:
-    """cos and sin (R, B, T, head_dim) of each of the config's RoPEs at `positions` (B, T)."""
+    """cos and sin (R, B, T, rotary dims) of each of the config's RoPEs at `positions` (B, T).
+    LongRoPE's long factors apply, as in transformers, once any position reaches the original
+    length (`rope_original_max_positions`)."""
     inv_freq, scales = config.ropes()
-    angles = positions[None, ..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)[:, None, None]
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    if config.rope_type == "longrope":
+        long = jnp.max(positions) + 1 > config.rope_original_max_positions
+        inv_freq = jnp.where(long, jnp.asarray(config.inv_freq(long=True), jnp.float32)[None], inv_freq)
+    angles = positions[None, ..., None].astype(jnp.float32) * inv_freq[:, None, None]
     angles = jnp.concatenate([angles, angles], axis=-1)
     scales = jnp.asarray(scales, jnp.float32)[:, None, None, None]
     return (jnp.cos(angles) * scales).astype(dtype), (jnp.sin(angles) * scales).astype(dtype)
@@ -402,6 +470,14 @@ class LlamaForCausalLM(nn.Module):
             if decode:
                 raise ValueError("decode=True needs explicit positions (jlora.models.generate computes them)")
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        c = self.config
+        long_cache = c.rope_type == "longrope" and input_ids.shape[1] > c.rope_original_max_positions
+        if decode and self.is_initializing() and long_cache:  # sizing the cache (`init_cache`)
+            raise ValueError(
+                f"a KV cache of {input_ids.shape[1]} tokens with longrope: past original_max_position_embeddings"
+                f" ({c.rope_original_max_positions}) transformers recomputes the cache with the long factors,"
+                " which jlora's decoding does not; decode at most that many tokens"
+            )
         model = LlamaModel(self.config, self.scan, self.dtype, self.param_dtype, self.remat, name="model")
         hidden = model(input_ids, attention_mask, positions, decode, segment_ids)
         if logits_last:  # only the last positions' logits: the vocabulary projection is costly

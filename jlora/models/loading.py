@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from jlora.models.bert import BertConfig, BertForSequenceClassification, BertModel
+from jlora.models.bert import FAMILIES, BertConfig, BertForSequenceClassification, BertModel
 from jlora.models.llama import ACTIVATIONS, GEMMA, ROPE_TYPES, LlamaConfig, LlamaForCausalLM, hf_ropes
 from jlora.tree import flatten, path_str, unflatten
 
@@ -34,7 +34,15 @@ Tensors = Mapping[str, Callable[[], Any]]
 LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 # buffers that checkpoints carry but that are not parameters, and BERT's pre-training heads
 # (BertForPreTraining / BertForMaskedLM: the encoder is loaded, its heads dropped)
-IGNORED = (r".*\.rotary_emb\.inv_freq", r"(bert\.)?embeddings\.position_ids", r"cls\..*")
+IGNORED = (r".*\.rotary_emb\.inv_freq", r"(\w+\.)?embeddings\.(position|token_type)_ids", r"cls\..*")
+# the other encoder families' pre-training heads, which `load_hf` drops likewise (RobertaForMaskedLM,
+# DistilBertForMaskedLM)
+ENCODER_HEADS = {
+    "roberta": r"lm_head\..*",
+    "xlm-roberta": r"lm_head\..*",
+    "distilbert": r"vocab_(transform|layer_norm|projector)\..*",
+}
+ENCODER_PREFIXES = tuple(dict.fromkeys(family.prefix for family in FAMILIES.values()))  # bert, roberta, …
 # the transformers classes whose checkpoints jlora reads, by model_type
 ARCHITECTURES = {
     "llama": {"LlamaForCausalLM"},
@@ -43,7 +51,11 @@ ARCHITECTURES = {
     "qwen3": {"Qwen3ForCausalLM"},
     "gemma2": {"Gemma2ForCausalLM"},
     "gemma3_text": {"Gemma3ForCausalLM"},
+    "phi3": {"Phi3ForCausalLM"},
     "bert": {"BertModel", "BertForSequenceClassification", "BertForPreTraining", "BertForMaskedLM"},
+    "roberta": {"RobertaModel", "RobertaForSequenceClassification", "RobertaForMaskedLM"},
+    "xlm-roberta": {"XLMRobertaModel", "XLMRobertaForSequenceClassification", "XLMRobertaForMaskedLM"},
+    "distilbert": {"DistilBertModel", "DistilBertForSequenceClassification", "DistilBertForMaskedLM"},
 }
 
 
@@ -152,9 +164,11 @@ def _convert(tensors: Tensors, name: str, keys: tuple, shape: tuple[int, ...], s
 def _find(name: str, tensors: Tensors) -> str | None:
     """The checkpoint's name for `name`, also when the checkpoint lacks the task wrapper's
     prefix (a BertModel checkpoint loaded into BertForSequenceClassification) or has one
-    that the model lacks (a BertForPreTraining checkpoint loaded into BertModel)."""
+    that the model lacks (a BertForPreTraining checkpoint loaded into BertModel; ``roberta.``,
+    ``distilbert.`` likewise)."""
     stripped = name.split(".", 1)[1] if "." in name else name
-    return next((n for n in (name, stripped, f"bert.{name}") if n in tensors), None)
+    prefixed = (f"{prefix}.{name}" for prefix in ENCODER_PREFIXES)
+    return next((n for n in (name, stripped, *prefixed) if n in tensors), None)
 
 
 def stack_layers(params: dict) -> dict:
@@ -214,10 +228,11 @@ def load_hf(
 ) -> Pretrained:
     """A Hugging Face model directory (config.json + safetensors) -> `Pretrained`.
 
-    Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 text configs give a `LlamaForCausalLM`
-    (`LlamaConfig` has their options); BERT configs give a
-    `BertModel`, or with ``head="classifier"`` a `BertForSequenceClassification`
-    (`num_labels` overrides the config's; a classifier the checkpoint lacks starts fresh).
+    Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text and Phi-3 configs give a `LlamaForCausalLM`
+    (`LlamaConfig` has their options); BERT, RoBERTa, XLM-RoBERTa and DistilBERT configs give a
+    `BertModel`, or with ``head="classifier"`` a `BertForSequenceClassification`, of that family
+    (`num_labels` overrides the config's; a classifier the checkpoint lacks starts fresh; the
+    family's pre-training heads, and a pooler the classifier lacks, are dropped).
     """
     from transformers import AutoConfig
 
@@ -233,11 +248,13 @@ def load_hf(
         )
     try:
         check_hf_config(hf, head)
-        config = BertConfig.from_hf(hf) if hf.model_type == "bert" else LlamaConfig.from_hf(hf)
+        config = BertConfig.from_hf(hf) if hf.model_type in FAMILIES else LlamaConfig.from_hf(hf)
     except ValueError as error:
         raise ValueError(f"{directory}: {error}") from None
     model = build_model(config, head=head, scan=scan, dtype=dtype, param_dtype=param_dtype)
     tensors = safetensors_tensors(directory)
+    if isinstance(config, BertConfig):
+        tensors = {n: t for n, t in tensors.items() if not any(re.fullmatch(p, n) for p in dropped(config, head))}
     fresh = fresh_modules(config, head, tensors)
     if "pooler" in fresh:
         warnings.warn(f"{directory}: the checkpoint has no pooler (as BertForMaskedLM); it starts fresh", stacklevel=2)
@@ -250,25 +267,39 @@ def fresh_modules(config: LlamaConfig | BertConfig, head: str | None, tensors: T
     do: a classification head, and BERT's pooler (BertForMaskedLM checkpoints have none)."""
     if not isinstance(config, BertConfig):
         return ()
-    classifier = ("classifier",) if head == "classifier" and not any("classifier" in n for n in tensors) else ()
-    pooler = () if any(".pooler." in f".{n}" for n in tensors) else ("pooler",)
+    heads = config.family.head_modules if head == "classifier" else ()
+    classifier = tuple(m for m in heads if not any(n.startswith(f"{m}.") for n in tensors))
+    has_pooler = config.family.head == "pooler" if head == "classifier" else config.family.pooler
+    pooler = () if not has_pooler or any(".pooler." in f".{n}" for n in tensors) else ("pooler",)
     return classifier + pooler
+
+
+def dropped(config: BertConfig, head: str | None) -> list[str]:
+    """Patterns of the checkpoint tensors that an encoder drops, as transformers does: the
+    family's pre-training heads, and a pooler that the classifier lacks (RoBERTa's)."""
+    patterns = [ENCODER_HEADS[config.model_type]] if config.model_type in ENCODER_HEADS else []
+    if head == "classifier" and config.family.head != "pooler":
+        patterns.append(rf"({config.family.prefix}\.)?pooler\..*")
+    return patterns
 
 
 def check_hf_config(hf: Any, head: str | None = None) -> None:
     """Refuse, naming the field, a transformers config whose architecture jlora would not
     reproduce exactly.
 
-    Every field that transformers' Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text and BERT
-    models read is either carried into `LlamaConfig` / `BertConfig` (sizes, heads, KV heads,
-    head_dim, biases, norm epsilons, activations, RoPE theta and default / linear / llama3 /
+    Every field that transformers' Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3 and BERT
+    (RoBERTa, XLM-RoBERTa, DistilBERT) models read is either carried into `LlamaConfig` /
+    `BertConfig` (sizes, heads, KV heads, head_dim, biases, norm epsilons, activations, RoPE
+    theta and default / linear / llama3 /
     yarn scaling, Mistral's window, Qwen2/3's and Gemma's per-layer windows, Gemma's
-    query_pre_attn_scalar, soft-capping and Gemma 3's sliding-layer RoPE, tied embeddings,
-    BERT's dropouts and initializer range, labels), refused here or by `from_hf`, or has no
+    query_pre_attn_scalar, soft-capping and Gemma 3's sliding-layer RoPE, Phi-3's window, partial
+    RoPE, LongRoPE and original_max_position_embeddings, tied embeddings,
+    BERT's dropouts and initializer range, labels, RoBERTa's pad_token_id (its positions),
+    DistilBERT's sizes under their own names), refused here or by `from_hf`, or has no
     effect on the outputs (use_cache, token ids (Gemma's pad_token_id only zeroes that embedding
     row's gradient in torch), pretraining_tp, max_position_embeddings without dynamic RoPE,
     Qwen's max_window_layers once layer_types is derived from it, chunk_size_feed_forward,
-    Gemma 3's attn_logit_softcapping (its model never applies it), the attention
+    Gemma 3's attn_logit_softcapping (its model never applies it), Phi-3's embd_pdrop (likewise), the attention
     implementation, dtype: jlora's own)."""
     problems = [f"config field {field}={value!r} is not supported: {why}" for field, value, why in _refusals(hf, head)]
     if problems:
@@ -283,15 +314,8 @@ def _refusals(hf: Any, head: str | None) -> list[tuple[str, Any, str]]:
         out.append(("architectures", sorted(architectures), f"jlora reads {sorted(ARCHITECTURES[hf.model_type])}"))
     if getattr(hf, "quantization_config", None):
         out.append(("quantization_config", hf.quantization_config, "jlora reads unquantized checkpoints"))
-    if hf.model_type == "bert":
-        if getattr(hf, "is_decoder", False):
-            out.append(("is_decoder", True, "jlora's BERT is a bidirectional encoder"))
-        if getattr(hf, "add_cross_attention", False):
-            out.append(("add_cross_attention", True, "jlora's BERT has no cross-attention"))
-        problem = getattr(hf, "problem_type", None)
-        if head == "classifier" and problem not in (None, "single_label_classification"):
-            out.append(("problem_type", problem, "jlora trains classifiers with softmax cross-entropy"))
-        return out
+    if hf.model_type in FAMILIES:
+        return out + _encoder_refusals(hf, head)
     act_field = "hidden_activation" if hf.model_type in GEMMA else "hidden_act"
     if getattr(hf, act_field) not in ACTIVATIONS:
         out.append((act_field, getattr(hf, act_field), f"jlora's decoders have {list(ACTIVATIONS)}"))
@@ -299,6 +323,8 @@ def _refusals(hf: Any, head: str | None) -> list[tuple[str, Any, str]]:
         out.append(("use_bidirectional_attention", True, "jlora's decoders are causal"))
     if getattr(hf, "attention_dropout", 0.0):
         out.append(("attention_dropout", hf.attention_dropout, "jlora's decoders have no attention dropout (use 0)"))
+    if getattr(hf, "resid_pdrop", 0.0):  # Phi-3's, on the attention and MLP outputs
+        out.append(("resid_pdrop", hf.resid_pdrop, "jlora's decoders have no residual dropout (use 0)"))
     layer_types = getattr(hf, "layer_types", None) or ()
     windowed = hf.model_type in ("qwen2", "qwen3", *GEMMA)
     if windowed and "sliding_attention" in layer_types and hf.sliding_window is None:
@@ -307,19 +333,38 @@ def _refusals(hf: Any, head: str | None) -> list[tuple[str, Any, str]]:
     if hf.model_type != "gemma3_text" and any(isinstance(value, dict) for value in rope.values()):
         return [*out, ("rope_parameters", rope, "one RoPE for every layer (Gemma 3: one per layer type)")]
     rope, local = hf_ropes(hf)
-    out += _rope_refusals("rope_parameters", rope, ROPE_TYPES)
+    phi3 = hf.model_type == "phi3"  # only Phi-3 has partial RoPE and LongRoPE here (its tests draw them)
+    types = ROPE_TYPES if phi3 else tuple(t for t in ROPE_TYPES if t != "longrope")
+    out += _rope_refusals("rope_parameters", rope, types, partial=phi3)
     if local is not None:  # Gemma 3's sliding layers
         out += _rope_refusals("rope_parameters.sliding_attention", local, ("default",))
     return out
 
 
-def _rope_refusals(field: str, rope: dict, types: tuple[str, ...]) -> list[tuple[str, Any, str]]:
-    """The refusals of one RoPE's parameters (named under `field`), of which jlora has `types`."""
+def _encoder_refusals(hf: Any, head: str | None) -> list[tuple[str, Any, str]]:
+    """`_refusals` of a BERT, RoBERTa, XLM-RoBERTa or DistilBERT config (`BertConfig.from_hf`
+    refuses activations other than exact GELU, and RoBERTa without a pad_token_id)."""
+    out = []
+    if getattr(hf, "is_decoder", False):
+        out.append(("is_decoder", True, "jlora's BERT is a bidirectional encoder"))
+    if getattr(hf, "add_cross_attention", False):
+        out.append(("add_cross_attention", True, "jlora's BERT has no cross-attention"))
+    problem = getattr(hf, "problem_type", None)
+    if head == "classifier" and problem not in (None, "single_label_classification"):
+        out.append(("problem_type", problem, "jlora trains classifiers with softmax cross-entropy"))
+    if getattr(hf, "sinusoidal_pos_embds", False):
+        out.append(("sinusoidal_pos_embds", True, "jlora's DistilBERT reads learned position embeddings"))
+    return out
+
+
+def _rope_refusals(field: str, rope: dict, types: tuple[str, ...], partial: bool = False) -> list[tuple[str, Any, str]]:
+    """The refusals of one RoPE's parameters (named under `field`), of which jlora has `types`
+    (and, with `partial`, a partial_rotary_factor)."""
     out = []
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in types:
         out.append((f"{field}.rope_type", rope_type, f"jlora's RoPE types here are {list(types)}"))
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+    if not partial and rope.get("partial_rotary_factor", 1.0) != 1.0:
         out.append((f"{field}.partial_rotary_factor", rope["partial_rotary_factor"], "RoPE over all head_dim"))
     return out
 
