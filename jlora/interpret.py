@@ -55,7 +55,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var
 from jlora.apply import _factored
 from jlora.config import LoraConfig
 from jlora.transform import _init_a
-from jlora.tree import Keys, PyTree, adapter_names, flatten, is_adapter, path_str, unflatten
+from jlora.tree import LORA_MAGNITUDE, Keys, PyTree, adapter_names, flatten, is_adapter, path_str, unflatten
 
 Roles = str  # one of "s", "i", "o" per weight axis
 
@@ -87,6 +87,11 @@ class LeafSpec:
         """Shapes of ``(A, B)``: ``(*stack, *in, r)`` and ``(*stack, r, *out)``."""
         stack, ins, outs = ([shape[k] for k in self.axes(role)] for role in "sio")
         return (*stack, *ins, r), (*stack, r, *outs)
+
+    def factor_axes(self) -> tuple[list[int], list[int | None]]:
+        """The weight axes A holds and those B holds, in their order (r aside in A; None for
+        r in B): what sharding maps a weight's `PartitionSpec` through."""
+        return _a_axes(self.roles), _b_axes(self.roles)
 
     def fan_in_out(self, shape: Sequence[int]) -> tuple[int, int]:
         return math.prod(shape[k] for k in self.axes("i")), math.prod(shape[k] for k in self.axes("o"))
@@ -737,7 +742,7 @@ def adapters_of(params: PyTree) -> dict[Keys, tuple[Keys, Keys]]:
                 if keys in found:
                     raise ValueError(f"{path_str(keys)}: has adapters under two names, {found[keys][0]} and {a_keys}")
                 found[keys] = (a_keys, b_keys)
-                claimed |= {a_keys, b_keys}
+                claimed |= {a_keys, b_keys, (*keys[:-1], LORA_MAGNITUDE)}  # DoRA's, beside a kernel
     orphans = [path_str(k) for k in flat if is_adapter(k[-1]) and k not in claimed]
     if orphans:
         raise ValueError(

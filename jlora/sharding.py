@@ -27,9 +27,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jlora import quantize
+from jlora import interpret, quantize
 from jlora.spec import adapter_spec
-from jlora.tree import LORA_A, LORA_B, LORA_MAGNITUDE, PyTree, flatten, path_str, unflatten
+from jlora.tree import LORA_A, LORA_MAGNITUDE, PyTree, flatten, is_adapter, path_str, unflatten
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
@@ -138,33 +138,38 @@ def param_shardings(params: PyTree, specs: PyTree, mesh: Mesh, rules: Sequence[t
     )
 
 
-def adapter_specs(params: PyTree, specs: PyTree) -> PyTree:
-    """`PartitionSpec`s for every leaf of an adapted tree `params`: each `lora_a` / `lora_b`
-    takes its kernel's, as the module docstring says (N-D and stacked kernels too), DoRA's
+def adapter_specs(params: PyTree, specs: PyTree, layouts: Mapping[str, Any] | None = None) -> PyTree:
+    """`PartitionSpec`s for every leaf of an adapted tree `params`: each adapter takes its
+    weight's, as the module docstring says (N-D and stacked kernels too), DoRA's
     `lora_magnitude` its output axes'; every other leaf keeps its own from `specs` (a tree
-    over the base parameters' paths). Kernels are read unquantized: for a quantized tree,
-    pass the shapes it stands for (``jax.eval_shape(jlora.quantize.dequantize_tree,
-    params)``) and their specs."""
+    over the base parameters' paths). A kernel's layout is read from the shapes; a weight
+    under `jlora.interpret`'s naming rule (``w_lora_a``) needs its own from `layouts`
+    (``jlora.interpret.lora_specs``: ``{weight path: LeafSpec}``). Kernels are read
+    unquantized: for a quantized tree, pass the shapes it stands for
+    (``jax.eval_shape(jlora.quantize.dequantize_tree, params)``) and their specs."""
     flat, given = flatten(params), flatten(specs)
     out = {}
     for keys in flat:
-        if keys[-1] not in (LORA_A, LORA_B, LORA_MAGNITUDE):
+        if not is_adapter(keys[-1]):
             if keys not in given:
                 raise ValueError(f"adapter_specs: no PartitionSpec for {path_str(keys)}")
             out[keys] = given[keys]
-            continue
-        module = keys[:-1]
-        kernel = flat[(*module, "kernel")]
-        layout = adapter_spec(kernel.shape, flat[(*module, LORA_A)].shape, flat[(*module, LORA_B)].shape)
-        spec = tuple(given[(*module, "kernel")]) + (None,) * kernel.ndim
-        stack = [spec[i] for i in layout.stack_axes]
-        outputs = [spec[i] for i in layout.out_axes]
-        if keys[-1] == LORA_A:
-            out[keys] = P(*stack, *(spec[i] for i in layout.in_axes), None)
-        elif keys[-1] == LORA_B:
-            out[keys] = P(*stack, None, *outputs)
-        else:  # DoRA's magnitude: one per output feature
-            out[keys] = P(*stack, *outputs)
+    for weight, (a_keys, b_keys) in interpret.adapters_of(params).items():
+        shape, path = flat[weight].shape, path_str(weight)
+        if a_keys[-1] == LORA_A:
+            layout = adapter_spec(shape, flat[a_keys].shape, flat[b_keys].shape)
+            roles = "s" * layout.stack + "i" * layout.n_in + "o" * layout.n_out
+        elif layouts is not None and path in layouts:
+            roles = getattr(layouts[path], "roles", layouts[path])
+        else:
+            raise ValueError(f"adapter_specs: {path}'s layout is known only from its function; pass layouts=lora_specs")
+        spec = tuple(given[weight]) + (None,) * len(shape)
+        a_axes, b_axes = interpret.LeafSpec(roles).factor_axes()
+        out[a_keys] = P(*(spec[k] for k in a_axes), None)
+        out[b_keys] = P(*(None if k is None else spec[k] for k in b_axes))
+        magnitude = (*weight[:-1], LORA_MAGNITUDE)
+        if magnitude in flat:  # DoRA's: one per output feature
+            out[magnitude] = P(*(spec[k] for k, role in enumerate(roles) if role != "i"))
     return unflatten(out)
 
 

@@ -150,3 +150,36 @@ def test_sharded_steps_never_move_the_base():
             adapters, opt_state, _ = step(adapters, opt_state, base, batch, number)
     after = [b.data.unsafe_buffer_pointer() for leaf in jax.tree.leaves(base) for b in leaf.addressable_shards]
     assert after == pointers  # the same device buffers: the base was neither copied nor donated
+
+
+def test_interleaved_weights_under_interpret_shard_by_their_learned_roles():
+    """A gemma-style 'NDH' weight (roles 'oio'): A (D, r) takes D's mesh axis, B (r, N, H) N's
+    and H's; a sharded jit of the factored function equals the unsharded one (f32, 1e-5)."""
+    from jlora import interpret
+
+    def fn(p, x):  # x: (B, T, D); w: (N, D, H) heads-first, as gemma's q_einsum
+        return jnp.einsum("BTNH,NHD->BTD", jnp.tanh(jnp.einsum("BTD,NDH->BTNH", x, p["attn"]["w"])), p["out"])
+
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"attn": {"w": jax.random.normal(k[0], (4, 8, 6)) / 3}, "out": jax.random.normal(k[1], (4, 6, 8)) / 5}
+    x = jax.random.normal(k[2], (4, 3, 8))
+    config = jlora.LoraConfig(r=2, target_modules=["attn", "out"])
+    layouts = interpret.lora_specs(fn, params, x, targets=config)
+    assert layouts["attn/w"].roles == "oio" and layouts["out"].roles == "iio"
+    adapted = interpret.init(params, layouts, config, jax.random.key(1))
+    adapted = jax.tree.map(lambda v: v + 0.1, adapted)  # B != 0
+    base_specs = {"attn": {"w": P("tensor", "fsdp", None)}, "out": P("tensor", None, "fsdp")}
+    specs = flatten(sharding.adapter_specs(adapted, base_specs, layouts))
+    assert specs[("attn", "w_lora_a")] == P("fsdp", None) and specs[("attn", "w_lora_b")] == P(None, "tensor", None)
+    assert specs[("out_lora_a",)] == P("tensor", None, None) and specs[("out_lora_b",)] == P(None, "fsdp")
+    with pytest.raises(ValueError, match="pass layouts=lora_specs"):
+        sharding.adapter_specs(adapted, base_specs)
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    shardings = jax.tree.map(
+        lambda s: jax.sharding.NamedSharding(mesh, s),
+        sharding.adapter_specs(adapted, base_specs, layouts),
+        is_leaf=lambda s: isinstance(s, P),
+    )
+    forward = interpret.lora(fn, config)
+    placed = jax.device_put(adapted, shardings)
+    np.testing.assert_allclose(jax.jit(forward)(placed, x), forward(adapted, x), rtol=1e-5, atol=1e-5)
