@@ -26,6 +26,7 @@ from jlora.finetune import (
     RUN_FILE,
     Run,
     adapter_base_model,
+    compilation_cache,
     export_peft,
     finetune,
     label_count,
@@ -543,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     shows the traceback), 130 when interrupted."""
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("JLORA_DEBUG", "") not in ("", "0")
+    compilation_cache()
     try:
         return COMMANDS[args.command](args)
     except BAD_INPUT as err:

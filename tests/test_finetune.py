@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -61,3 +62,20 @@ def test_a_run_object_and_bad_settings_refused_before_writing(sources, tmp_path)
     with pytest.raises(ValueError, match="resume takes every setting"):
         finetune(run, tmp_path / "object", resume=True)
     assert not (tmp_path / "bad").exists()
+
+
+def test_compilation_cache_is_on_by_default_in_the_user_cache(monkeypatch, tmp_path):
+    from jlora.finetune import compilation_cache
+
+    previous = jax.config.jax_compilation_cache_dir  # the tests' own (conftest)
+    try:
+        assert compilation_cache() == pathlib.Path(previous)  # one the user set is kept
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("JLORA_CACHE_DIR", "off")
+        assert compilation_cache() is None and not jax.config.jax_compilation_cache_dir
+        monkeypatch.delenv("JLORA_CACHE_DIR")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        assert compilation_cache() == tmp_path / "jlora" / "xla"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jlora" / "xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)

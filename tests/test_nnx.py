@@ -90,7 +90,7 @@ def torch_mlp(pure: dict):
         pairs = [(twin.layers[0], pure["layers"][0]), (twin.layers[1], pure["layers"][1]), (twin.head, pure["head"])]
         for module, p in pairs:
             module.weight.copy_(torch.from_numpy(np.asarray(p["kernel"]).T.copy()))
-            module.bias.copy_(torch.from_numpy(np.asarray(p["bias"])))
+            module.bias.copy_(torch.from_numpy(np.array(p["bias"])))
     return twin.eval()
 
 
