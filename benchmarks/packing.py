@@ -36,7 +36,7 @@ def packing_train(spec: dict):
     start = time.perf_counter()
     run, pretrained, params, train, _ = prepare(Run(data={"packing": spec["packed"]}))
     adapters, base = jlora.split(params, run.lora)
-    task = training.task_for(pretrained, run.lora, train)
+    task = training.task_for(pretrained, run.lora, train, ce_chunk=run.train.ce_chunk)
     tx = training.make_optimizer(run.train, run.lora)
     step_fn = training.make_train_step(task, tx, jax.random.key(0))
     batches = data.Batches(train, run.train.batch_size, run.train.seed)

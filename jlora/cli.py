@@ -107,6 +107,13 @@ TRAIN_FLAGS = {
         "store the frozen base's kernels in nf4, int8 or bf16 and train the adapters over it (QLoRA; default: as "
         "loaded); eval, generate and merge of the run quantize it the same way",
     ),
+    "--ce-chunk": (
+        "train",
+        "ce_chunk",
+        int,
+        "causal LM training: the cross-entropy over this many positions at a time, so the whole logits never exist "
+        "(default 1024; 0: the whole loss at once)",
+    ),
     "--remat": ("train", "remat", "flag", "recompute each layer in the backward pass: less memory, ~1/3 more time"),
     "--seed": ("train", "seed", int, "seed for adapters, shuffling and dropout"),
     "--epochs": ("train", "epochs", float, "passes over the training rows, instead of --steps"),

@@ -438,7 +438,7 @@ def train_run(
     initial = initial_factors(adapters) if run.lora.changes_base else None  # a host copy: `fit` donates `adapters`
     if writer and initial is not None and not (out / INITIAL_ADAPTERS).exists():
         write_initial(out, initial)
-    task = training.task_for(pretrained, run.lora, train_split, held_out)
+    task = training.task_for(pretrained, run.lora, train_split, held_out, run.train.ce_chunk)
     eval_step = training.make_eval_step(task)
     evals = {r["eval"]: r for r in training.read_metrics(metrics_file) if "eval" in r}  # kept by a resumed run
     if "before" not in evals:

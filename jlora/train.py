@@ -62,6 +62,7 @@ class TrainConfig:
     quantize: str | None = None  # frozen kernels stored in "nf4", "int8" or "bf16" (QLoRA, `jlora.quantize`)
     loraplus_ratio: float | None = None  # LoRA+: B trained at this many times the learning rate (`jlora.loraplus`)
     report_to: str | None = None  # "tensorboard": every metrics record also as TensorBoard scalars (`TensorBoard`)
+    ce_chunk: int | None = 1024  # causal LM training: cross-entropy this many positions at a time (0 / None: whole)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "checkpoint_every", "keep_checkpoints"):
@@ -71,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.ce_chunk is not None and self.ce_chunk < 0:
+            raise ValueError(f"ce_chunk must be >= 1, or 0 / unset for the whole loss at once, got {self.ce_chunk}")
         if self.eval_every is not None and self.eval_every < 1:
             raise ValueError(f"eval_every must be at least 1, got {self.eval_every}")
         if (self.keep_best or self.early_stopping_patience is not None) and self.eval_every is None:
@@ -134,16 +137,85 @@ def positions_of(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
-def causal_lm_outputs(model: nn.Module, params, lora, batch: Batch, tail: int, rngs=None, deterministic=True):
+def lm_head_of(model: nn.Module, params, lora: jlora.LoraConfig) -> tuple[Callable, Any] | None:
+    """``(head, head_params)``: `model`'s vocabulary projection as ``head(head_params, hidden)
+    -> float32 logits`` (the tied embedding or `lm_head`, with its adapters applied through
+    `jlora.interpret` and the final soft-cap), for `chunked_cross_entropy`. None where the
+    head's adapters need the interceptor (DoRA, LoRA dropout on the head)."""
+    from jlora import interpret
+    from jlora.models.layers import tanh_cap
+
+    config, dtype = model.config, model.dtype
+    if config.tie_word_embeddings:
+        head_params, weight = {"embed_tokens": params["model"]["embed_tokens"]}, ("embed_tokens", "embedding")
+    else:
+        head_params, weight = {"lm_head": dequantize_tree(params["lm_head"])}, ("lm_head", "kernel")
+    adapted = any(jlora.tree.is_adapter(keys[-1]) for keys in jlora.tree.flatten(head_params))
+    if adapted and (lora.use_dora or lora.dropout):
+        return None
+
+    def head(p, hidden):
+        w = p[weight[0]][weight[1]].astype(dtype)
+        contract = 1 if config.tie_word_embeddings else 0  # (vocab, embed) or (embed, vocab)
+        dims = (((hidden.ndim - 1,), (contract,)), ((), ()))
+        logits = jax.lax.dot_general(hidden, w, dims, preferred_element_type=jnp.float32)
+        return tanh_cap(logits, config.final_logit_softcapping)
+
+    return (interpret.lora(head, lora) if adapted else head), head_params
+
+
+def chunked_cross_entropy(head: Callable, head_params, hidden, targets, weights, chunk: int) -> jax.Array:
+    """``Σ weights · CE(head(head_params, hidden), targets)`` over ``(batch, positions)``, about
+    `chunk` positions at a time (whole rows' spans of the sequence, so a batch sharded over
+    devices stays so), each chunk's logits recomputed in the backward pass (`jax.checkpoint`
+    in a `lax.scan`): the (positions × vocabulary) logits and their gradient never exist
+    whole, only one chunk's. Equal to the whole loss up to the order of the sums."""
+    rows, length = targets.shape
+    per_row = max(1, min(length, chunk // rows))
+    chunks = max(1, -(-length // per_row))
+    size = -(-length // chunks)  # the least padding for that many chunks
+    pad = [(0, 0), (0, chunks * size - length)]
+    h = jnp.pad(hidden, [*pad, (0, 0)])
+    t, w = jnp.pad(targets, pad), jnp.pad(weights, pad)
+
+    @jax.checkpoint
+    def one(p, h, t, w):
+        return (optax.softmax_cross_entropy_with_integer_labels(head(p, h), t) * w).sum()
+
+    def body(total, xs):
+        return total + one(head_params, *xs), None
+
+    split = lambda x: jnp.moveaxis(x.reshape(rows, chunks, size, *x.shape[2:]), 1, 0)  # (chunks, rows, size, …)
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(h), split(t), split(w)))[0]
+
+
+def causal_lm_outputs(
+    model: nn.Module, params, lora, batch: Batch, tail: int, rngs=None, deterministic=True, ce_chunk: int | None = None
+):
     """(per-token loss sums, token count, logits of the last `tail` positions). A packed
     batch (`segment_ids` and `positions`, `jlora.data.pack`) is scored at every position,
-    each example alone: attention and predictions stay within it."""
+    each example alone: attention and predictions stay within it. With `ce_chunk` (and a
+    head `lm_head_of` can take apart), the loss is `chunked_cross_entropy` and the logits
+    None."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     packed = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
     tail = ids.shape[1] if packed else min(tail, ids.shape[1])  # eval batches may be cropped shorter
     positions = batch["positions"] if packed else positions_of(mask)
-    logits = jlora.apply(
-        model, params, lora, ids, mask, positions, logits_last=tail, rngs=rngs, deterministic=deterministic, **packed
+    head = lm_head_of(model, params, lora) if ce_chunk else None
+    if head is not None and "lm_head" in params:  # applied by the loss: the model never builds it
+        params = {name: tree for name, tree in params.items() if name != "lm_head"}
+    outputs = jlora.apply(
+        model,
+        params,
+        lora,
+        ids,
+        mask,
+        positions,
+        logits_last=tail,
+        rngs=rngs,
+        deterministic=deterministic,
+        hidden_only=head is not None,
+        **packed,
     )
     targets = ids[:, -tail + 1 :] if tail > 1 else ids[:, :0]
     weights = batch["loss_mask"][:, -tail + 1 :].astype(jnp.float32)
@@ -151,8 +223,10 @@ def causal_lm_outputs(model: nn.Module, params, lora, batch: Batch, tail: int, r
         weights = weights * (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1])
     if "weight" in batch:  # padding rows of the last eval batch
         weights = weights * batch["weight"][:, None]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
-    return (losses * weights).sum(), weights.sum(), logits
+    if head is not None:
+        return chunked_cross_entropy(*head, outputs[:, :-1], targets, weights, ce_chunk), weights.sum(), None
+    losses = optax.softmax_cross_entropy_with_integer_labels(outputs[:, :-1], targets)
+    return (losses * weights).sum(), weights.sum(), outputs
 
 
 def classifier_outputs(model: nn.Module, params, lora, batch: Batch, rngs=None, deterministic=True):
@@ -173,11 +247,15 @@ class Task:
     kind: str  # "causal" or "classifier"
     tail: int = 0  # causal: positions whose logits the loss needs
     choices: tuple[int, ...] = ()  # causal: first tokens of the possible completions
+    ce_chunk: int | None = None  # causal: a training loss without logits, this many positions at a time
 
-    def loss(self, params, batch: Batch, rngs=None, deterministic=True):
+    def loss(self, params, batch: Batch, rngs=None, deterministic=True, logits=True):
+        """(loss sum, token count, logits); ``logits=False`` lets a causal loss be chunked
+        (`ce_chunk`), and the logits are then None."""
         if self.kind == "classifier":
             return classifier_outputs(self.model, params, self.lora, batch, rngs, deterministic)
-        return causal_lm_outputs(self.model, params, self.lora, batch, self.tail, rngs, deterministic)
+        chunk = None if logits else self.ce_chunk
+        return causal_lm_outputs(self.model, params, self.lora, batch, self.tail, rngs, deterministic, chunk)
 
     def correct(self, logits: jax.Array, batch: Batch) -> jax.Array | None:
         """Weighted count of rows whose label (or completion) the model ranks first."""
@@ -192,7 +270,9 @@ class Task:
         return ((scores.argmax(-1) == batch["choice"]) * weight).sum()
 
 
-def task_for(pretrained, lora: jlora.LoraConfig, train: Split, held_out: Split | None = None) -> Task:
+def task_for(
+    pretrained, lora: jlora.LoraConfig, train: Split, held_out: Split | None = None, ce_chunk: int | None = None
+) -> Task:
     """How `pretrained` scores `train`'s task. A causal task's `tail` covers the loss
     positions of `train`'s rows, or of `held_out`'s when `train` is packed (packed batches
     are scored at every position; the tail keeps evaluating unpacked rows cheap)."""
@@ -202,7 +282,7 @@ def task_for(pretrained, lora: jlora.LoraConfig, train: Split, held_out: Split |
     seq_len = rows.arrays["input_ids"].shape[1]
     tail = seq_len - int(np.flatnonzero(rows.arrays["loss_mask"].any(0))[0]) + 1
     choices = tuple(int(c) for c in train.choices) if train.choices is not None else ()
-    return Task(pretrained.model, lora, "causal", tail=min(tail, seq_len), choices=choices)
+    return Task(pretrained.model, lora, "causal", tail=min(tail, seq_len), choices=choices, ce_chunk=ce_chunk)
 
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -256,7 +336,9 @@ def make_train_step(
             rngs = {"dropout": jax.random.fold_in(jax.random.fold_in(key, step), index)}
 
             def summed(adapters):
-                loss, n, _ = task.loss(jlora.join(adapters, base), micro_batch, rngs=rngs, deterministic=False)
+                loss, n, _ = task.loss(
+                    jlora.join(adapters, base), micro_batch, rngs=rngs, deterministic=False, logits=False
+                )
                 return loss, n
 
             (loss, n), g = jax.value_and_grad(summed, has_aux=True)(adapters)

@@ -13,6 +13,7 @@ import jlora.models
 from jlora import data
 from jlora import train as training
 from tests import tiny_task
+from tests.conftest import perturb
 
 pytest.importorskip("transformers")
 
@@ -155,3 +156,51 @@ def test_early_stopping_and_the_best_adapters(setup, tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="set eval_every too"):
         training.TrainConfig(early_stopping_patience=2)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied-lm_head-adapted"])
+def test_chunked_cross_entropy_equals_the_whole_loss_and_holds_one_chunk_of_logits(tied):
+    """The training loss `ce_chunk` positions at a time equals the whole loss (float32: the same
+    terms summed in another order, 1e-6 relative) with the same adapter gradients (1e-5), while
+    the compiled gradient program's temporary memory shrinks: the (positions × vocab) logits
+    and their gradient exist one chunk at a time."""
+    from jlora.models.llama import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=4096, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2, num_kv_heads=1,
+        head_dim=8, tie_word_embeddings=tied, final_logit_softcapping=None if tied else 30.0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config, scan=True)
+    ids = jax.random.randint(jax.random.key(0), (4, 48), 0, 4096)
+    targets = ["q_proj", "v_proj"] + ([] if tied else ["lm_head"])
+    lora = jlora.LoraConfig(r=2, target_modules=targets)
+    params = nn_params(model, ids)
+    params = jlora.init(params, lora, jax.random.key(1), specs=jlora.kernel_specs(model, ids))
+    # random B, so the adapters matter (with a constant B, lm_head's A gradient would be a
+    # sum over the vocabulary of ∂loss/∂logit: 0 up to the cap, all rounding)
+    params = perturb(params, jax.random.key(2), scale=0.05)
+    adapters, base = jlora.split(params, lora)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": (ids % 3 > 0).astype(jnp.int32)}
+    whole = training.Task(model, lora, "causal", tail=48)
+    chunked = dataclasses.replace(whole, ce_chunk=40)  # 10 positions of each of the 4 rows: 5 chunks
+
+    def loss_of(task):
+        return lambda ad: task.loss(jlora.join(ad, base), batch, logits=False)[0]
+
+    expected, got = loss_of(whole)(adapters), loss_of(chunked)(adapters)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    grads, reference = (jax.grad(loss_of(t))(adapters) for t in (chunked, whole))
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.abs(r).max()))
+    memory = {
+        name: jax.jit(jax.grad(loss_of(t))).lower(adapters).compile().memory_analysis().temp_size_in_bytes
+        for name, t in (("whole", whole), ("chunked", chunked))
+    }
+    logits_bytes = 4 * 48 * 4096 * 4
+    assert memory["chunked"] < memory["whole"] - logits_bytes  # at least one whole logits array fewer
+
+
+def nn_params(model, ids):
+    import flax.linen as nn
+
+    return nn.meta.unbox(model.init(jax.random.key(0), ids)["params"])

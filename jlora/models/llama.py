@@ -440,7 +440,9 @@ class LlamaForCausalLM(nn.Module):
     positions only (a training loss on completions at the end of left-padded rows needs no
     more); `segment_ids` (B, T), for rows packed with several examples (`jlora.data.pack`):
     tokens attend only within their own segment (with `positions` restarting per segment,
-    each example scores as it would alone; not with `decode`).
+    each example scores as it would alone; not with `decode`). `hidden_only` returns the
+    final (normed) hidden states instead of logits, for a chunked loss
+    (`jlora.train.chunked_cross_entropy`).
 
     `remat` recomputes each layer in the backward pass instead of keeping its activations
     (`jlora.models.layers.run_layers`); parameters and outputs are the same.
@@ -461,6 +463,7 @@ class LlamaForCausalLM(nn.Module):
         decode: bool = False,
         logits_last: int = 0,
         segment_ids=None,
+        hidden_only: bool = False,
     ):
         if decode and segment_ids is not None:
             raise ValueError("segment_ids are for packed training rows; decode=True takes none")
@@ -482,6 +485,8 @@ class LlamaForCausalLM(nn.Module):
         hidden = model(input_ids, attention_mask, positions, decode, segment_ids)
         if logits_last:  # only the last positions' logits: the vocabulary projection is costly
             hidden = hidden[:, -logits_last:]
+        if hidden_only:  # the final hidden states, for a loss that applies the head itself (`lm_head_of`)
+            return hidden
         if self.config.tie_word_embeddings:
             embedding = nn.meta.unbox(model.variables["params"]["embed_tokens"]["embedding"])
             dims = (((hidden.ndim - 1,), (1,)), ((), ()))
