@@ -381,7 +381,7 @@ def cmd_eval(args) -> int:
         pretrained = load_model(run)
         params = pretrained.params
         train_split, held_out = data.prepare(run.data, pretrained.tokenizer)
-    task = training.task_for(pretrained, run.lora, train_split, held_out)
+    task = training.task_for(pretrained, run.lora, train_split, held_out, run.train.ce_chunk)
     result = training.evaluate(
         training.make_eval_step(task), params, held_out, run.train.eval_batch_size, not args.quiet
     )

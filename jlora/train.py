@@ -258,12 +258,13 @@ class Task:
         return causal_lm_outputs(self.model, params, self.lora, batch, self.tail, rngs, deterministic, chunk)
 
     def correct(self, logits: jax.Array, batch: Batch) -> jax.Array | None:
-        """Weighted count of rows whose label (or completion) the model ranks first."""
+        """Weighted count of rows whose label (or completion) the model ranks first; None for a
+        causal task without choices (whose `logits` may be None: a chunked loss)."""
+        if self.kind != "classifier" and not self.choices:
+            return None
         weight = batch.get("weight", jnp.ones(logits.shape[0]))
         if self.kind == "classifier":
             return ((logits.argmax(-1) == batch["label"]) * weight).sum()
-        if not self.choices:
-            return None
         seq_len = batch["input_ids"].shape[1]
         row = batch["answer"] - 1 - (seq_len - self.tail)  # the position that predicts the answer
         scores = jnp.take_along_axis(logits, row[:, None, None], axis=1)[:, 0][:, jnp.asarray(self.choices)]
@@ -369,10 +370,12 @@ def make_train_step(
 
 
 def make_eval_step(task: Task) -> Callable:
-    """``(params, batch) -> sums`` of loss, token count, correct rows and rows, jitted."""
+    """``(params, batch) -> sums`` of loss, token count, correct rows and rows, jitted. A
+    causal task without choices needs no logits: its loss is chunked (`Task.ce_chunk`)."""
+    scored = task.kind == "classifier" or bool(task.choices)
 
     def step(params, batch):
-        loss, n, logits = task.loss(params, batch)
+        loss, n, logits = task.loss(params, batch, logits=scored)
         sums = {"loss": loss, "tokens": n, "rows": batch["weight"].sum()}
         correct = task.correct(logits, batch)
         if correct is not None:

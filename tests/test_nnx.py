@@ -133,7 +133,7 @@ def test_nnx_trained_through_interpret_checkpoints_and_round_trips_peft(tmp_path
     jlora.peft.export(trained, config, tmp_path / "peft", module_names, task_type=None)
     twin = peft.PeftModel.from_pretrained(torch_mlp(pure), tmp_path / "peft").eval()
     with torch.no_grad():
-        theirs = twin(torch.from_numpy(np.asarray(x))).numpy()
+        theirs = twin(torch.from_numpy(np.array(x))).numpy()
     np.testing.assert_allclose(forward(trained, x), theirs, atol=1e-5, rtol=1e-5)  # f32, another matmul library
 
     imported, imported_config = jlora.peft.load(tmp_path / "peft", pure, module_names)
