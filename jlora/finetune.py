@@ -714,6 +714,8 @@ def finetune(
     """
     import jax
 
+    import jlora
+
     started = time.perf_counter()
     compilation_cache()
     out = pathlib.Path(out)
@@ -727,7 +729,7 @@ def finetune(
         if (out / "results.json").exists():
             print(f"{out} is complete (results.json); nothing to resume")
             _, pretrained, params, _, _ = load_run(str(out))
-            adapters, base = _split(params, run)
+            adapters, base = jlora.split(params, run.lora)
             return Result(out, run, _read_json(out / "results.json"), adapters, base, pretrained)
         replace = False
         source = run.init_adapter["path"] if run.init_adapter and not _has_checkpoint(out) else None
@@ -758,9 +760,3 @@ def _settings(run: Run | dict | None) -> dict:
     settings, default = run.to_dict(), Run().lora.to_dict()
     settings["lora"] = {k: v for k, v in settings["lora"].items() if v != default.get(k)}
     return settings
-
-
-def _split(params, run: Run):
-    import jlora
-
-    return jlora.split(params, run.lora)
