@@ -120,7 +120,10 @@ def _linen(spec: dict):
 
         rule = qwix.LoraRule(module_path=PATTERN, rank=RANK, alpha=2.0 * RANK, **spec.get("qwix_rule", {}))
         adapted = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
-        params = nn_unbox(adapted.init(jax.random.key(0), ids)["params"])
+        params = adapted.init(jax.random.key(0), ids)["params"]
+        if rule.weight_qtype is not None:
+            params = qwix_missing_adapters(adapted, params, ids)
+        params = nn_unbox(params)
         is_lora = lambda path: "_lora_" in jax.tree_util.keystr(path)
         adapters, base = _partition(params, is_lora)
         return lambda a, b, ids: causal_loss(adapted.apply({"params": _combine(a, b)}, ids), ids), adapters, base
@@ -133,6 +136,31 @@ def _linen(spec: dict):
     else:
         forward = interpret.lora(lambda p, ids: model.apply({"params": p}, ids), lora)
     return lambda a, b, ids: causal_loss(forward(jlora.join(a, b), ids), ids), adapters, base
+
+
+def qwix_missing_adapters(adapted, params, ids):
+    """`params` of qwix's QLoRA model with the adapters its ``init`` left out, made by one more
+    forward pass with ``params`` mutable (the quantized kernels and the adapters ``init`` made
+    are kept); checks that every projection then has both.
+
+    Why (qwix 0.1.8): in a traced init (`nn.scan`'s body, a jitted init) `PtqProvider` swaps
+    the kernel for its `WithAux` first (providers/ptq.py:149-157), so `LoraProvider` looks the
+    weight up from the float tracer (providers/lora.py:263, `flax_util.find_param`), which walks
+    it back through unary ops and matches shapes against the walked-to array
+    (utils/flax_util.py:257-275): for `nn.DenseGeneral` that is the flat initialiser output
+    before its reshape, so q/k/v/o get no adapters, and ``apply`` then raises
+    `ScopeParamNotFoundError` for ``kernel_lora_a`` (lora.py:518)."""
+    import jax
+    from flax import traverse_util
+
+    _, variables = adapted.apply({"params": params}, ids, rngs={"params": jax.random.key(1)}, mutable=["params"])
+    params = variables["params"]
+    flat = traverse_util.flatten_dict(nn_unbox(params))
+    modules = {path[:-1] for path in flat if path[-1] == "kernel" and path[-2] in TARGETS}
+    missing = sorted("/".join(m) for m in modules for s in ("a", "b") if (*m, f"kernel_lora_{s}") not in flat)
+    if missing or {m[-1] for m in modules} != set(TARGETS):
+        raise RuntimeError(f"qwix made no adapters for {missing or 'some projections'}")
+    return params
 
 
 def _nnx(spec: dict):

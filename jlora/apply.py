@@ -8,7 +8,8 @@ stacked adapters along with their kernels).
 
 A quantized kernel (`jlora.quantize`, QLoRA) is dequantized where it is used: the
 interceptor computes that layer's base output itself, the module's contraction and bias in
-its dtype, with or without adapters beside it.
+its dtype, with or without adapters beside it. A quantized ``nn.Embed`` table likewise: a
+lookup dequantizes the rows it takes, ``attend`` (a tied head) contracts with the table.
 
 A DoRA magnitude m beside the adapters (`LoraConfig.use_dora`) rescales the output as peft
 does: with ``k = m / ‖W + s·A·B‖`` per output feature (the norm held constant in the
@@ -129,6 +130,18 @@ def quantized_base(module: nn.Module, x: jax.Array, kernel: quantize.Quantized, 
     return y if bias is None else y + bias
 
 
+def quantized_embed(module: nn.Embed, method: str, table: quantize.Quantized, x: jax.Array) -> jax.Array:
+    """What ``nn.Embed.__call__`` (`method`) or ``attend`` computes from `x` with its quantized
+    `table`, in the module's dtype (the table's where it has none, as Linen promotes it)."""
+    if method == "__call__":
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError("Input type must be an integer or unsigned integer.")
+        return quantize.take(table, x, module.dtype)
+    dtype = module.dtype or jnp.result_type(x.dtype, table.dtype)
+    letters = string.ascii_letters[: x.ndim - 1]
+    return _frozen(Contraction(f"{letters}y,zy->{letters}z", jnp.dtype(dtype).name), jnp.asarray(x, dtype), table)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _frozen(contraction: Contraction, x: jax.Array, kernel: quantize.Quantized) -> jax.Array:
     """`contraction` of `x` with the quantized `kernel`, dequantized for it.
@@ -233,7 +246,8 @@ def _dora(
 def adding(branch: Branch, *, dropout: float = 0.0, scale: Scale | None = None) -> Iterator[set[str]]:
     """Within this context, every Dense / DenseGeneral / Einsum call whose scope holds
     adapters returns ``y + branch(module, dropout(x), lora_a, lora_b, einsum_str)``, `y`
-    computed by `quantized_base` where the kernel is quantized, and `dropout` the rate of
+    computed by `quantized_base` where the kernel is quantized (and an ``nn.Embed`` with a
+    quantized table by `quantized_embed`), and `dropout` the rate of
     LoRA dropout (from the ``'dropout'`` rng). Where a DoRA magnitude sits beside the
     adapters, the sum is peft's DoRA output instead (`_dora`), whose norm needs `scale`.
     Yields the set of module paths reached, filled as the model runs."""
@@ -241,6 +255,12 @@ def adding(branch: Branch, *, dropout: float = 0.0, scale: Scale | None = None) 
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
+        if isinstance(module, nn.Embed) and quantize.is_quantized(module.get_variable("params", "embedding")):
+            if context.method_name == "setup":  # it checks the table's shape against its initializer's
+                return None
+            if context.method_name in ("__call__", "attend"):
+                table = module.get_variable("params", "embedding")
+                return quantized_embed(module, context.method_name, table, (*args, *kwargs.values())[0])
         if context.method_name != "__call__" or not isinstance(module, ADAPTABLE):
             return next_fun(*args, **kwargs)
         kernel, adapted = module.get_variable("params", "kernel"), module.has_variable("params", LORA_A)

@@ -107,6 +107,12 @@ TRAIN_FLAGS = {
         "store the frozen base's kernels in nf4, int8 or bf16 and train the adapters over it (QLoRA; default: as "
         "loaded); eval, generate and merge of the run quantize it the same way",
     ),
+    "--quantize-embeddings": (
+        "train",
+        "quantize_embeddings",
+        "flag",
+        "with --quantize: the frozen embedding tables too (a tied head included; bitsandbytes keeps them 16-bit)",
+    ),
     "--ce-chunk": (
         "train",
         "ce_chunk",

@@ -328,13 +328,16 @@ def write_initial(folder: pathlib.Path, initial: dict) -> None:
 
 
 def quantized(run: Run, pretrained, params):
-    """`params` with the frozen kernels quantized as the run says (`train.quantize`, QLoRA:
-    `jlora.quantize.quantize_model`), adapters and trainable modules untouched."""
+    """`params` with the frozen kernels (and, with `train.quantize_embeddings`, the embedding
+    tables) quantized as the run says (`train.quantize`, QLoRA: `jlora.quantize.quantize_model`),
+    adapters and trainable modules untouched."""
     if run.train.quantize is None:
         return params
     from jlora.quantize import quantize_model
 
-    return quantize_model(params, run.train.quantize, pretrained.kernel_specs(), run.lora)
+    return quantize_model(
+        params, run.train.quantize, pretrained.kernel_specs(), run.lora, embeddings=run.train.quantize_embeddings
+    )
 
 
 def prepare_from_adapter(run: Run, source: str, given_lora: dict, mesh=None):

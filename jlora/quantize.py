@@ -101,7 +101,9 @@ _TORCH_LANES = 8  # float32 lanes of torch's CPU sum (AVX2)
 class NF4(Leaf):
     """A kernel in NF4: `codes` uint8 (two codes a byte), `absmax` per block (float32, or
     uint8 codes of ``absmax - offset`` with double quantization, scaled by `absmax2` per 256
-    of them). Array shapes as the module docstring says; static fields are aux data."""
+    of them). Array shapes as the module docstring says; static fields are aux data. An
+    `embedding` leaf holds a ``(entries, width)`` table as the kernel of its transpose
+    (`quantize_embedding`: `shape` is ``(width, entries)``), one row of blocks per entry."""
 
     codes: jax.Array
     absmax: jax.Array
@@ -111,6 +113,7 @@ class NF4(Leaf):
     dtype: str = struct.field(pytree_node=False)
     layout: KernelSpec = struct.field(pytree_node=False)
     block_size: int = struct.field(pytree_node=False)
+    embedding: bool = struct.field(pytree_node=False, default=False)
 
 
 @struct.dataclass
@@ -124,6 +127,7 @@ class Int8(Leaf):
     dtype: str = struct.field(pytree_node=False)
     layout: KernelSpec = struct.field(pytree_node=False)
     block_size: int = struct.field(pytree_node=False)
+    embedding: bool = struct.field(pytree_node=False, default=False)
 
 
 Quantized = NF4 | Int8
@@ -370,11 +374,36 @@ def default_layout(shape: Sequence[int]) -> KernelSpec:
 
 
 def dequantize(leaf: Quantized, dtype: Any = None) -> jax.Array:
-    """The kernel a quantized leaf stands for, in `dtype` (default: the original one)."""
+    """The kernel (or embedding table) a quantized leaf stands for, in `dtype` (default: the
+    original one)."""
     dtype = dtype or leaf.dtype
-    if isinstance(leaf, NF4):
-        return _dequantize_nf4(leaf, dtype)
-    return _dequantize_int8(leaf, dtype)
+    w = _dequantize_nf4(leaf, dtype) if isinstance(leaf, NF4) else _dequantize_int8(leaf, dtype)
+    return w.T if leaf.embedding else w
+
+
+def weight(x: Any, dtype: Any = None) -> jax.Array:
+    """`x` as an array in `dtype` (default its own): a quantized leaf dequantized, for code that
+    reads a weight itself (a tied head's table) rather than through a module."""
+    if is_quantized(x):
+        return dequantize(x, dtype)
+    return jnp.asarray(x, dtype)
+
+
+def take(table: Quantized, ids: jax.Array, dtype: Any = None) -> jax.Array:
+    """``dequantize(table)[ids]`` of a quantized embedding table, dequantizing only the rows
+    `ids` takes (each entry is its own row of blocks when the width is a multiple of the block
+    size; otherwise the whole table is dequantized)."""
+    if not table.embedding:
+        raise ValueError("take: the leaf is a kernel, not an embedding table (quantize_embedding)")
+    dtype = dtype or table.dtype
+    width = table.shape[0]
+    if width % table.block_size:  # blocks straddle entries
+        return jnp.take(dequantize(table, dtype), ids, axis=0)
+    if isinstance(table, NF4):
+        values, scale = jnp.asarray(NF4_CODE)[_unpack(table.codes[ids], width)], _nf4_absmax(table)[ids]
+    else:
+        values, scale = table.codes[ids].astype(jnp.float32), table.absmax[ids] / 127.0
+    return _unblocks(_blocks(values, table.block_size) * scale[..., None], width).astype(dtype)
 
 
 def quantize_leaf(w: jax.Array, fmt: str, layout: KernelSpec | None = None, block_size: int | None = None) -> Any:
@@ -392,9 +421,22 @@ def quantize_leaf(w: jax.Array, fmt: str, layout: KernelSpec | None = None, bloc
 _quantize_leaf = jax.jit(quantize_leaf, static_argnums=(1, 2, 3))
 _dequantize = jax.jit(dequantize, static_argnums=(1,))
 
+
+def quantize_embedding(table: jax.Array, fmt: str, block_size: int | None = None) -> Any:
+    """An ``(entries, width)`` embedding table in `fmt`, quantized as bitsandbytes quantizes an
+    ``nn.Embedding`` weight: blocks along the width, one entry's row at a time, so a lookup
+    (`take`) dequantizes only the rows it takes, and a tied output head (``x · tableᵀ``) is a
+    contraction with the leaf as its ``(width, entries)`` kernel."""
+    if table.ndim != 2:
+        raise ValueError(f"quantize_embedding: a table of 2 axes (entries, width), got shape {table.shape}")
+    leaf = _quantize_leaf(table.T, fmt, None, block_size)
+    return leaf.replace(embedding=True) if is_quantized(leaf) else leaf.T
+
+
 # -- trees ----------------------------------------------------------------------------------
 
 DEFAULT_TARGETS = r"(?:.*/)?kernel"
+EMBEDDING = "embedding"  # the table of a Linen nn.Embed
 
 
 def _targeted(keys: Keys, leaf: Any, targets: str | Callable[[str, Any], bool]) -> bool:
@@ -427,7 +469,8 @@ def quantize(
     """`params` with every targeted frozen weight replaced by its quantized leaf.
 
     `targets` is a regex over a leaf's whole path (default: every `kernel` of 2+ axes; e.g.
-    ``r".*(kernel|embedding)"`` adds embeddings) or a predicate ``(path, leaf) -> bool``;
+    ``r".*(kernel|embedding)"`` adds embedding tables, quantized by `quantize_embedding`) or a
+    predicate ``(path, leaf) -> bool``;
     `lora_a` / `lora_b`, 1-D leaves (norms, biases) and quantized leaves are never touched.
     `layouts` gives ``{module path: KernelSpec}`` (`jlora.spec.kernel_specs`) for kernels
     that carry no adapters to read it from; see `default_layout`. `block_size`: NF4 64,
@@ -436,14 +479,15 @@ def quantize(
     if fmt not in FORMATS:
         raise ValueError(f"quantize: fmt must be one of {FORMATS}, got {fmt!r}")
     flat, layouts = flatten(params), layouts or {}
-    return unflatten(
-        {
-            keys: _quantize_leaf(leaf, fmt, _layout(keys, flat, layouts), block_size)
-            if _targeted(keys, leaf, targets)
-            else leaf
-            for keys, leaf in flat.items()
-        }
-    )
+
+    def quantized(keys: Keys, leaf: Any) -> Any:
+        if not _targeted(keys, leaf, targets):
+            return leaf
+        if keys[-1] == EMBEDDING:
+            return quantize_embedding(leaf, fmt, block_size)
+        return _quantize_leaf(leaf, fmt, _layout(keys, flat, layouts), block_size)
+
+    return unflatten({keys: quantized(keys, leaf) for keys, leaf in flat.items()})
 
 
 def quantize_model(
@@ -452,19 +496,24 @@ def quantize_model(
     specs: Mapping[str, Any],
     config: LoraConfig | None = None,
     block_size: int | None = None,
+    embeddings: bool = False,
 ) -> dict:
     """`quantize` of the frozen kernels that `jlora.apply` computes: those of the Dense /
     DenseGeneral / Einsum modules in `specs` (`jlora.kernel_specs`, whose layouts quantize
     each stacked layer on its own, as `nn.scan` slices it), but not the trainable ones of
-    `config` (`modules_to_save`). Kernels the model uses otherwise stay as they are."""
+    `config` (`modules_to_save`). Kernels the model uses otherwise stay as they are. With
+    `embeddings`, the frozen tables of its ``nn.Embed`` modules too (`quantize_embedding`:
+    looked up and attended to through the same interceptor), which bitsandbytes' QLoRA keeps
+    in 16 bits: a large share of a small model with a large vocabulary."""
     layouts = {path: spec for path, spec in specs.items() if isinstance(spec, KernelSpec)}
 
-    def frozen_kernel(path: str, _) -> bool:
+    def frozen(path: str, leaf: Any) -> bool:
         module, _, name = path.rpartition("/")
-        trainable = config is not None and is_trainable(tuple(path.split("/")), config)
-        return name == "kernel" and module in layouts and not trainable
+        if config is not None and is_trainable(tuple(path.split("/")), config):
+            return False
+        return (name == "kernel" and module in layouts) or (embeddings and name == EMBEDDING and leaf.ndim == 2)
 
-    return quantize(params, fmt, frozen_kernel, block_size, layouts)
+    return quantize(params, fmt, frozen, block_size, layouts)
 
 
 def dequantize_tree(params: PyTree, dtype: Any = None) -> PyTree:
@@ -506,6 +555,7 @@ def partition_specs(leaf: Quantized, spec: P, axis_sizes: Mapping[str, int]) -> 
     shard holds whole blocks of 256. Anything else is replicated."""
     layout, shape = leaf.layout, leaf.shape
     spec = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
+    spec = spec[::-1] if leaf.embedding else spec  # the table's spec, for its transpose
     stack = spec[: layout.stack]
     rows, length = _row_length(layout, shape, leaf.block_size)
     nb = -(-length // leaf.block_size)

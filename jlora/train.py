@@ -28,7 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jlora
-from jlora import sharding
+from jlora import quantize, sharding
 from jlora.checkpoint import Checkpoints, fingerprint
 from jlora.data import Batches, Split, eval_batches
 from jlora.optim import decay_mask
@@ -60,6 +60,7 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # stop after this many evaluations without a lower held-out loss
     epochs: float | None = None  # passes over the data; sets `steps` once the data is known (`with_epochs`)
     quantize: str | None = None  # frozen kernels stored in "nf4", "int8" or "bf16" (QLoRA, `jlora.quantize`)
+    quantize_embeddings: bool = False  # the frozen embedding tables too (`quantize_model(embeddings=True)`)
     loraplus_ratio: float | None = None  # LoRA+: B trained at this many times the learning rate (`jlora.loraplus`)
     report_to: str | None = None  # "tensorboard": every metrics record also as TensorBoard scalars (`TensorBoard`)
     ce_chunk: int | None = 1024  # causal LM training: cross-entropy this many positions at a time (0 / None: whole)
@@ -84,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.quantize is not None and self.quantize not in FORMATS:
             raise ValueError(f"quantize must be one of {', '.join(FORMATS)} (or unset), got {self.quantize!r}")
+        if self.quantize_embeddings and self.quantize is None:
+            raise ValueError("quantize_embeddings stores the embedding tables as `quantize` says: set quantize too")
         if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
             raise ValueError(f"loraplus_ratio must be > 0 (or unset), got {self.loraplus_ratio}")
         if self.report_to not in (None, "tensorboard"):
@@ -147,15 +150,17 @@ def lm_head_of(model: nn.Module, params, lora: jlora.LoraConfig) -> tuple[Callab
 
     config, dtype = model.config, model.dtype
     if config.tie_word_embeddings:
-        head_params, weight = {"embed_tokens": params["model"]["embed_tokens"]}, ("embed_tokens", "embedding")
+        head_params, name = {"embed_tokens": params["model"]["embed_tokens"]}, ("embed_tokens", "embedding")
     else:
-        head_params, weight = {"lm_head": dequantize_tree(params["lm_head"])}, ("lm_head", "kernel")
+        head_params, name = {"lm_head": params["lm_head"]}, ("lm_head", "kernel")
     adapted = any(jlora.tree.is_adapter(keys[-1]) for keys in jlora.tree.flatten(head_params))
     if adapted and (lora.use_dora or lora.dropout):
         return None
+    if adapted:  # `interpret` reads the weight beside its adapters as an array
+        head_params = dequantize_tree(head_params)
 
     def head(p, hidden):
-        w = p[weight[0]][weight[1]].astype(dtype)
+        w = quantize.weight(p[name[0]][name[1]], dtype)  # a quantized one dequantized, per chunk
         contract = 1 if config.tie_word_embeddings else 0  # (vocab, embed) or (embed, vocab)
         dims = (((hidden.ndim - 1,), (contract,)), ((), ()))
         logits = jax.lax.dot_general(hidden, w, dims, preferred_element_type=jnp.float32)

@@ -2,6 +2,7 @@
 each layer uses it; the same outputs and adapter gradients as on the dequantized base, no
 dequantized weight kept for the backward pass, and `jlora train --quantize` end to end."""
 
+import dataclasses
 import functools
 import json
 
@@ -64,6 +65,32 @@ def test_quantized_base_gives_the_dequantized_outputs_and_adapter_gradients(scan
     jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5), grads, expected)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantized_embedding_tables_give_the_dequantized_outputs_and_losses(tied):
+    """With `embeddings=True` the token table is NF4 too: lookups, a tied head (the model's
+    own and the chunked loss's `lm_head_of`) and adapter gradients equal the dequantized
+    model's."""
+    model = LlamaForCausalLM(dataclasses.replace(CONFIG, tie_word_embeddings=tied), scan=True)
+    base = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), IDS)["params"])
+    specs = jlora.kernel_specs(model, IDS)
+    params = perturb(jlora.init(base, LORA, jax.random.key(2), specs=specs), jax.random.key(3), scale=0.05)
+    params = quantize.quantize_model(params, "nf4", specs, LORA, embeddings=True)
+    table = params["model"]["embed_tokens"]["embedding"]
+    assert isinstance(table, quantize.NF4) and table.embedding and ("lm_head" in params) != tied
+    plain = quantize.dequantize_tree(params)
+    logits = jax.jit(lambda p: jlora.apply(model, p, LORA, IDS))
+    np.testing.assert_allclose(logits(params), logits(plain), atol=1e-5, rtol=0)
+    adapters, base = jlora.split(params, LORA)
+    grads = jax.jit(jax.grad(lambda a, b: loss(model, a, b)))(adapters, base)
+    expected = jax.jit(jax.grad(lambda a, b: loss(model, a, b)))(adapters, jlora.split(plain, LORA)[1])
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5), grads, expected)
+    head, head_params = training.lm_head_of(model, params, LORA)
+    assert quantize.is_quantized(jax.tree.leaves(head_params, is_leaf=quantize.is_quantized)[0])
+    hidden = jlora.apply(model, params, LORA, IDS, hidden_only=True)[:, :-1]
+    chunked = training.chunked_cross_entropy(head, head_params, hidden, IDS[:, 1:], jnp.ones(hidden.shape[:2]), 4)
+    assert float(chunked) / IDS[:, 1:].size == pytest.approx(float(loss(model, *jlora.split(plain, LORA))), rel=1e-5)
+
+
 def test_backward_keeps_the_quantized_kernel_not_a_dequantized_one(capsys):
     """x's gradient through a quantized layer needs W: the backward pass dequantizes again."""
     model, x = MLP(hidden=64, out=48), jnp.ones((5, 32))
@@ -97,12 +124,14 @@ def qlora_run(tmp_path_factory):
     model, csv = tiny_task.llama_dir(root / "model"), tiny_task.write_csv(root / "reviews.csv")
     fast = ["--seq-len", "16", "--eval-size", "40", "--batch-size", "8", "--rank", "4", "--quiet"]
     args = ["train", "--model", str(model), "--data", str(csv), *fast, "--steps", "30", "--lr", "1e-2"]
-    assert cli.main([*args, "--targets", "q_proj", "v_proj", "--quantize", "nf4", "--out", str(root / "run")]) == 0
+    quantized = ["--quantize", "nf4", "--quantize-embeddings"]
+    assert cli.main([*args, "--targets", "q_proj", "v_proj", *quantized, "--out", str(root / "run")]) == 0
     return root / "run"
 
 
 def test_train_quantize_records_it_and_learns(qlora_run, capsys):
-    assert json.loads((qlora_run / "run.json").read_text())["train"]["quantize"] == "nf4"
+    settings = json.loads((qlora_run / "run.json").read_text())["train"]
+    assert settings["quantize"] == "nf4" and settings["quantize_embeddings"]
     results = json.loads((qlora_run / "results.json").read_text())
     assert results["loss_after"] < results["loss_before"] / 2
     losses = [json.loads(line)["loss"] for line in (qlora_run / "metrics.jsonl").read_text().splitlines()]
@@ -115,7 +144,9 @@ def test_merge_of_a_quantized_run_is_the_dequantized_base_merged(qlora_run, tmp_
     import jlora.models
 
     run, _, params, _, _ = cli.load_run(str(qlora_run))
-    assert quantize.is_quantized(jlora.tree.flatten(params)[("model", "layers", "mlp", "up_proj", "kernel")])
+    flat = jlora.tree.flatten(params)
+    assert quantize.is_quantized(flat[("model", "layers", "mlp", "up_proj", "kernel")])
+    assert flat[("model", "embed_tokens", "embedding")].embedding
     assert cli.main(["merge", "--adapter", str(qlora_run), "--out", str(tmp_path / "merged")]) == 0
     merged = jlora.models.load(str(tmp_path / "merged"), scan=run.scan).params
     expected = jlora.merge(quantize.dequantize_tree(params), run.lora)

@@ -267,3 +267,64 @@ def test_sharded_leaf_dequantizes_to_the_same_kernel():
     assert sharded.codes.sharding.spec == P("tensor", "fsdp")
     out = jax.jit(Q.dequantize, out_shardings=NamedSharding(mesh, P("fsdp", "tensor")))(sharded)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(Q.dequantize(leaf)))
+
+
+@needs_bnb
+def test_dequantize_where_bnb_cpu_dequantize_4bit_errs():
+    """bitsandbytes 0.50's CPU `dequantize_4bit` scales some elements by the wrong block's
+    absmax when the row length is no multiple of 64 but the element count is (here (128, 96)):
+    its codes and statistics still equal jlora's, and jlora's dequantization equals those
+    codes times bnb's own dequantized statistics (`dequantize_blockwise`), bit for bit."""
+    w = _weight(128, 96, seed=3)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    leaf = jax.jit(Q.quantize_nf4)(_kernel(w))
+    np.testing.assert_array_equal(np.asarray(leaf.codes).reshape(-1), packed.numpy().reshape(-1))
+    codes = packed.numpy().reshape(-1)
+    q = np.stack([codes >> 4, codes & 0xF], axis=-1).reshape(-1)
+    absmax = (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset).numpy()
+    reference = (Q.NF4_CODE[q].reshape(-1, 64) * absmax[:, None]).reshape(w.shape)
+    np.testing.assert_array_equal(_bits(jax.jit(Q.dequantize)(leaf).T), _bits(reference))
+    bnb = bnbf.dequantize_4bit(packed, state).numpy()
+    assert np.abs(bnb - w.numpy()).max() > 2 * np.abs(reference - w.numpy()).max()  # bnb's, not jlora's, is off
+
+
+# -- embedding tables -----------------------------------------------------------------------
+
+
+@needs_bnb
+@pytest.mark.parametrize("shape", [(61, 64), (30, 100), (7, 9)])  # (entries, width): rows of blocks, or straddling
+def test_embedding_table_is_bnb_quantized_weight_and_lookups_take_its_rows(shape):
+    """A table quantizes as bnb quantizes an ``nn.Embedding`` weight (entries, width), and
+    `take` gives the dequantized table's rows, bit for bit, in NF4 and int8."""
+    table = _weight(*shape, seed=3)
+    packed, state = bnbf.quantize_4bit(table, blocksize=64, quant_type="nf4", compress_statistics=True)
+    leaf = jax.jit(Q.quantize_embedding, static_argnums=1)(jnp.asarray(table.numpy()), "nf4")
+    assert leaf.embedding and leaf.shape == shape[::-1]
+    np.testing.assert_array_equal(np.asarray(leaf.codes).reshape(-1), packed.numpy().reshape(-1))
+    np.testing.assert_array_equal(np.asarray(leaf.absmax).reshape(-1), state.absmax.numpy())
+    np.testing.assert_array_equal(_bits(Q.dequantize(leaf)), _bits(bnbf.dequantize_4bit(packed, state).numpy()))
+    ids = jnp.array([[0, shape[0] - 1, 3 % shape[0]], [1 % shape[0], 1 % shape[0], 2 % shape[0]]])
+    for quantized in (leaf, Q.quantize_embedding(jnp.asarray(table.numpy()), "int8")):
+        rows = jax.jit(Q.take)(quantized, ids)
+        assert rows.shape == (*ids.shape, shape[1])
+        np.testing.assert_array_equal(_bits(rows), _bits(Q.dequantize(quantized)[ids]))
+    with pytest.raises(ValueError, match="not an embedding table"):
+        Q.take(Q.quantize_nf4(jnp.ones((64, 8))), ids)
+
+
+def test_quantize_tree_quantizes_embedding_tables_as_tables():
+    params = {
+        "embed": {"embedding": jax.random.normal(jax.random.key(0), (50, 128))},
+        "fc": {"kernel": jnp.ones((128, 8))},
+    }
+    out = Q.quantize(params, "nf4", r".*(kernel|embedding)")
+    assert out["embed"]["embedding"].embedding and not out["fc"]["kernel"].embedding
+    table = params["embed"]["embedding"]
+    error = np.abs(Q.dequantize_tree(out)["embed"]["embedding"] - table)
+    assert np.all(error <= 0.153 * np.abs(table).max(axis=1, keepdims=True))  # half NF4 widest gap (-1, -0.696)
+    assert Q.quantize(params, "bf16", r".*embedding")["embed"]["embedding"].dtype == jnp.bfloat16
+    sizes = {"fsdp": 2, "tensor": 4}
+    specs = Q.partition_specs(
+        jax.eval_shape(lambda t: Q.quantize_embedding(t, "nf4"), jnp.ones((4096, 512))), P("tensor", "fsdp"), sizes
+    )
+    assert specs.codes == P("tensor", "fsdp") and specs.absmax == P("tensor", "fsdp")  # entries along rows

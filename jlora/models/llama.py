@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.models.layers import KVCache, RMSNorm, attention, causal_mask, dense, run_layers, tanh_cap
+from jlora.quantize import weight
 
 Dtype = Any
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
@@ -488,9 +489,9 @@ class LlamaForCausalLM(nn.Module):
         if hidden_only:  # the final hidden states, for a loss that applies the head itself (`lm_head_of`)
             return hidden
         if self.config.tie_word_embeddings:
-            embedding = nn.meta.unbox(model.variables["params"]["embed_tokens"]["embedding"])
+            embedding = weight(nn.meta.unbox(model.variables["params"]["embed_tokens"]["embedding"]), self.dtype)
             dims = (((hidden.ndim - 1,), (1,)), ((), ()))
-            logits = jax.lax.dot_general(hidden, embedding.astype(self.dtype), dims, preferred_element_type=jnp.float32)
+            logits = jax.lax.dot_general(hidden, embedding, dims, preferred_element_type=jnp.float32)
         else:
             lm_head = dense(
                 self.config.vocab_size,
