@@ -399,10 +399,11 @@ def take(table: Quantized, ids: jax.Array, dtype: Any = None) -> jax.Array:
     width = table.shape[0]
     if width % table.block_size:  # blocks straddle entries
         return jnp.take(dequantize(table, dtype), ids, axis=0)
+    # the scales taken as `jnp.take` takes (an id out of range gives NaN), as nn.Embed's lookup does
     if isinstance(table, NF4):
-        values, scale = jnp.asarray(NF4_CODE)[_unpack(table.codes[ids], width)], _nf4_absmax(table)[ids]
+        values, scale = jnp.asarray(NF4_CODE)[_unpack(table.codes[ids], width)], jnp.take(_nf4_absmax(table), ids, 0)
     else:
-        values, scale = table.codes[ids].astype(jnp.float32), table.absmax[ids] / 127.0
+        values, scale = table.codes[ids].astype(jnp.float32), jnp.take(table.absmax, ids, 0) / 127.0
     return _unblocks(_blocks(values, table.block_size) * scale[..., None], width).astype(dtype)
 
 

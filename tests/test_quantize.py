@@ -308,6 +308,7 @@ def test_embedding_table_is_bnb_quantized_weight_and_lookups_take_its_rows(shape
         rows = jax.jit(Q.take)(quantized, ids)
         assert rows.shape == (*ids.shape, shape[1])
         np.testing.assert_array_equal(_bits(rows), _bits(Q.dequantize(quantized)[ids]))
+    assert np.isnan(Q.take(leaf, jnp.array([shape[0]]))).all()  # out of range: NaN, as jnp.take and nn.Embed
     with pytest.raises(ValueError, match="not an embedding table"):
         Q.take(Q.quantize_nf4(jnp.ones((64, 8))), ids)
 
