@@ -255,11 +255,11 @@ def adding(branch: Branch, *, dropout: float = 0.0, scale: Scale | None = None) 
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if isinstance(module, nn.Embed) and quantize.is_quantized(module.get_variable("params", "embedding")):
+        table = module.get_variable("params", "embedding") if isinstance(module, nn.Embed) else None
+        if quantize.is_quantized(table):
             if context.method_name == "setup":  # it checks the table's shape against its initializer's
                 return None
             if context.method_name in ("__call__", "attend"):
-                table = module.get_variable("params", "embedding")
                 return quantized_embed(module, context.method_name, table, (*args, *kwargs.values())[0])
         if context.method_name != "__call__" or not isinstance(module, ADAPTABLE):
             return next_fun(*args, **kwargs)
