@@ -1,9 +1,10 @@
 """Study 6: QLoRA. The default `jlora train` run (SmolLM2-135M-Instruct, Rotten Tomatoes,
-LoRA r=8 on q,k,v,o, 100 steps of 8) with its float32 base against the same run with the
-frozen kernels in NF4 with double quantization (`--quantize nf4`) or int8, three seeds each:
-the QLoRA paper's claim that a 4-bit base loses nothing to LoRA fine-tuning, at small scale.
-The same pair with adapters on all seven projections (the QLoRA paper's recipe) checks
-whether adapter capacity closes what the quantized base loses.
+LoRA r=8, 100 steps of 8) with its float32 base against the same run with the frozen kernels
+in NF4 with double quantization (`--quantize nf4`) or int8, three seeds each: the QLoRA
+paper's claim that a 4-bit base loses nothing to LoRA fine-tuning, at small scale. The
+default adapters are q,k,v,o over a float32 base and every linear layer (``all-linear``) over
+a quantized one, QLoRA's recipe; the crossed arms (float32 with all-linear, NF4 with q,k,v,o)
+separate what the base loses from what the adapters' capacity gives back.
 
 Each run is the CLI itself, in a subprocess, so the study measures exactly what a user runs;
 its run folder is kept in ``results/runs/qlora-<arm>-<seed>/`` (not committed) and reused when the study
@@ -24,15 +25,20 @@ from safetensors.numpy import load_file
 
 from experiments import common
 
-ALL_LINEAR = ["--targets", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# arm: (folder slug, CLI flags, the float32 arm it is paired with)
+QKVO = ["--targets", "q_proj", "k_proj", "v_proj", "o_proj"]
+# arm: (folder slug, CLI flags, the arms it is paired with)
 ARMS = {
-    "float32 base": ("float32", [], "float32 base"),
-    "nf4 base": ("nf4", ["--quantize", "nf4"], "float32 base"),
-    "int8 base": ("int8", ["--quantize", "int8"], "float32 base"),
-    "float32 base, all linear": ("float32-all", ALL_LINEAR, "float32 base, all linear"),
-    "nf4 base, all linear": ("nf4-all", ["--quantize", "nf4", *ALL_LINEAR], "float32 base, all linear"),
+    "float32 base (q,k,v,o: the default)": ("float32", [], ()),
+    "nf4 base (all-linear: the default)": ("nf4-all-linear", ["--quantize", "nf4"], ("float32", "float32-all-linear")),
+    "int8 base (all-linear: the default)": (
+        "int8-all-linear",
+        ["--quantize", "int8"],
+        ("float32", "float32-all-linear"),
+    ),
+    "float32 base, all-linear": ("float32-all-linear", ["--targets", "all-linear"], ("float32",)),
+    "nf4 base, q,k,v,o": ("nf4-qkvo", ["--quantize", "nf4", *QKVO], ("float32",)),
 }
+SLUGS = {slug: arm for arm, (slug, _, _) in ARMS.items()}
 
 
 def run(arm: str, seed: int, extra: list[str], runs: pathlib.Path) -> dict:
@@ -60,16 +66,17 @@ def run(arm: str, seed: int, extra: list[str], runs: pathlib.Path) -> dict:
 
 
 def paired_gaps(rows: list[dict]) -> str:
-    """Each quantized arm minus its float32 arm, paired by seed, in accuracy points."""
+    """Each arm minus the arms it is paired with, paired by seed, in accuracy points."""
     by_arm = {arm: {r["seed"]: r for r in group} for arm, group in common.grouped(rows).items()}
     lines = []
-    for arm, (_, _, reference) in ARMS.items():
-        if arm == reference or arm not in by_arm or reference not in by_arm:
-            continue
-        seeds = sorted(set(by_arm[arm]) & set(by_arm[reference]))
-        gap = [100 * (by_arm[arm][s]["accuracy"] - by_arm[reference][s]["accuracy"]) for s in seeds]
-        mean, std = common.mean_std(gap)
-        lines.append(f"- {arm} minus {reference}, paired by seed: {mean:+.2f} ± {std:.2f} points (n={len(gap)})")
+    for arm, (_, _, references) in ARMS.items():
+        for reference in (SLUGS[slug] for slug in references):
+            if arm not in by_arm or reference not in by_arm:
+                continue
+            seeds = sorted(set(by_arm[arm]) & set(by_arm[reference]))
+            gap = [100 * (by_arm[arm][s]["accuracy"] - by_arm[reference][s]["accuracy"]) for s in seeds]
+            mean, std = common.mean_std(gap)
+            lines.append(f"- {arm} minus {reference}, paired by seed: {mean:+.2f} ± {std:.2f} points (n={len(gap)})")
     return "\n".join(lines)
 
 
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         extra += ["--eval-size", "16", "--seq-len", "32"]
     started = time.perf_counter()
-    arms = ARMS if not args.smoke else ["float32 base", "nf4 base"]
+    arms = list(ARMS) if not args.smoke else list(ARMS)[:2]
     rows = [run(arm, seed, extra, args.out / "runs") for seed in scale.seeds for arm in arms]
     parameters = rows[0]["base_bytes"] / 4 + rows[0]["trainable"]  # the float32 run's base: 4 bytes a weight
     rows = [r | {"trainable_percent": 100 * r["trainable"] / parameters} for r in rows]
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     common.accuracy_bars(
         rows,
         args.out / "qlora.png",
-        "jlora train, SmolLM2-135M: float32, NF4 and int8 bases",
+        "jlora train, SmolLM2-135M: float32, NF4 and int8 bases, default and crossed adapters",
     )
     print((args.out / "qlora.md").read_text())
 

@@ -74,7 +74,13 @@ TRAIN_FLAGS = {
         "bool",
         "pack completion / chat training examples several to a row (default: when that saves rows)",
     ),
-    "--targets": ("lora", "target_modules", "list", "modules to adapt, e.g. q_proj k_proj v_proj o_proj"),
+    "--targets": (
+        "lora",
+        "target_modules",
+        "list",
+        "modules to adapt, or all-linear (every linear layer but the head); default q_proj k_proj v_proj o_proj, "
+        "and all-linear with --quantize nf4 or int8 (the QLoRA recipe)",
+    ),
     "--rank": ("lora", "r", int, "LoRA rank (default 8)"),
     "--alpha": ("lora", "alpha", float, "LoRA alpha (default 16)"),
     "--dropout": ("lora", "dropout", float, "dropout on the LoRA input (default 0)"),

@@ -6,6 +6,8 @@ Module paths are the '/'-joined keys of a parameter tree up to the module that o
 * a list of names matches a module whose path ends with that name (or with a '/'-joined
   run of names such as ``attn/q_proj``);
 * a single string is a regular expression that must match the whole path;
+* ``"all-linear"`` (peft's shorthand, from QLoRA) targets every module that owns a kernel
+  except the output head (``lm_head``, ``score``, ``classifier``) and `modules_to_save`;
 * `rank_pattern` / `alpha_pattern` keys are regular expressions matched against the end
   of the path (``q_proj`` or ``layers_1[01]/.*/v_proj``).
 """
@@ -25,6 +27,8 @@ INITS = ("lora", "gaussian")
 # initialisations from the kernel itself, which also replace it by the residual W - s·A·B
 BASE_CHANGING_INITS = ("pissa", "pissa_niter_<N>", "olora")
 DEFAULT_LAYERS_PATTERN = "layers?|h|blocks?"
+ALL_LINEAR = "all-linear"  # peft's INCLUDE_LINEAR_LAYERS_SHORTHAND
+OUTPUT_HEADS = ("lm_head", "score", "classifier")  # what "all-linear" leaves alone, as peft does
 
 
 def _compile(field: str, pattern: str) -> re.Pattern:
@@ -35,7 +39,10 @@ def _compile(field: str, pattern: str) -> re.Pattern:
 
 
 def _names(field: str, value: str | Sequence[str] | None) -> str | tuple[str, ...] | None:
-    """Normalise a name list (or one regex) to a hashable value, validating it."""
+    """Normalise a name list (or one regex) to a hashable value, validating it; ``"all-linear"``
+    (any case, alone or as a one-name list as the CLI gives it) stays the shorthand."""
+    if [str(n).lower() for n in ([value] if isinstance(value, str) else value or ())] == [ALL_LINEAR]:
+        return ALL_LINEAR
     if value is None or isinstance(value, str):
         if isinstance(value, str):
             _compile(field, value)
@@ -68,7 +75,8 @@ class LoraConfig:
       alpha: the LoRA alpha; the adapter output is scaled by alpha / r (alpha / sqrt(r)
         with `use_rslora`).
       dropout: dropout rate on the LoRA branch's input during training.
-      target_modules: module names (suffix match) or one regex over the whole path.
+      target_modules: module names (suffix match), one regex over the whole path, or
+        ``"all-linear"``: every module with a kernel but the output head and `modules_to_save`.
       exclude_modules: same syntax; matching modules never get adapters.
       layers: indices of the layers that get adapters (None: all). The index is read from
         a path component such as ``layers_11`` or ``layers/11``, or is the stacked axis of
@@ -148,8 +156,13 @@ class LoraConfig:
 
     # -- per-module decisions ------------------------------------------------------
     def targets(self, path: str) -> bool:
-        """Whether the module at `path` gets an adapter (layer selection aside)."""
-        return _matches(self.target_modules, path) and not _matches(self.exclude_modules, path)
+        """Whether the module at `path` gets an adapter (layer selection aside). With
+        ``"all-linear"`` this holds for any module but a head: call it on modules that own a kernel."""
+        if self.target_modules == ALL_LINEAR:
+            chosen = path.rsplit("/", 1)[-1] not in OUTPUT_HEADS and not self.saves(path)
+        else:
+            chosen = _matches(self.target_modules, path)
+        return chosen and not _matches(self.exclude_modules, path)
 
     def saves(self, path: str) -> bool:
         """Whether the module at `path` is trained fully (`modules_to_save`)."""

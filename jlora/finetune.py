@@ -70,10 +70,9 @@ class Run:
         from jlora.train import TrainConfig
 
         self.data = _section(DataConfig, self.data)
-        self.lora = _section(
-            LoraConfig, self.lora, {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-        )
         self.train = _section(TrainConfig, self.train)
+        defaults = {"r": 8, "alpha": 16, "target_modules": default_targets(self.train)}
+        self.lora = _section(LoraConfig, self.lora, defaults)
         if self.data.task == "classification" and "classifier" not in self.lora.modules_to_save:
             # a new classification head must train fully (peft does the same for SEQ_CLS)
             saved = [*self.lora.modules_to_save, "classifier"]
@@ -88,6 +87,13 @@ class Run:
             "train": dataclasses.asdict(self.train),
             "init_adapter": self.init_adapter,
         }
+
+
+def default_targets(train) -> str | list[str]:
+    """The modules a run adapts unless told: q, k, v, o; over an nf4 or int8 base every linear
+    layer but the head, as QLoRA does (Dettmers et al. 2023, section 4: adapters on all of
+    them are what recovers 16-bit quality) and peft / TRL QLoRA recipes (``"all-linear"``)."""
+    return "all-linear" if train.quantize in ("nf4", "int8") else ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def _section(cls, value, defaults: dict | None = None):

@@ -53,7 +53,7 @@ from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var
 
 from jlora.apply import _factored
-from jlora.config import LoraConfig
+from jlora.config import ALL_LINEAR, LoraConfig
 from jlora.transform import _init_a
 from jlora.tree import LORA_MAGNITUDE, Keys, PyTree, adapter_names, flatten, is_adapter, path_str, unflatten
 
@@ -679,6 +679,11 @@ def lora_specs(
     Raises, naming it, for a target that no contraction uses.
     """
     config = targets if isinstance(targets, LoraConfig) else LoraConfig(target_modules=targets)
+    if config.target_modules == ALL_LINEAR:
+        raise ValueError(
+            'targets "all-linear" needs modules that own a `kernel` (Linen, NNX); for a plain function '
+            "name the weights to adapt (their paths, or one regex)"
+        )
     closed, _, inputs, values = _trace(fn, params, args, kwargs)
     chosen = {
         j: path_str(keys)

@@ -77,3 +77,22 @@ def test_config_is_hashable_and_round_trips_through_a_dict():
     assert hash(config) == hash(LoraConfig(**config.to_dict()))
     assert LoraConfig(**config.to_dict()) == config
     assert config.layers == (1, 3) and config.dtype == "bfloat16"
+
+
+def test_all_linear_shorthand_targets_all_but_heads_and_saved_modules():
+    for given in ("all-linear", "ALL-LINEAR", ["all-linear"]):  # peft lowercases it; the CLI gives a list
+        assert LoraConfig(target_modules=given).target_modules == "all-linear"
+    config = LoraConfig(target_modules="all-linear", modules_to_save=["score"], exclude_modules=["down_proj"])
+    assert config.targets("model/layers_0/attn/q_proj") and config.targets("pooler/dense")
+    assert not any(config.targets(p) for p in ("lm_head", "classifier", "score", "model/layers_0/mlp/down_proj"))
+    assert LoraConfig(**config.to_dict()) == config
+
+
+def test_a_quantized_run_adapts_every_linear_layer_unless_told():
+    from jlora.finetune import Run
+
+    assert Run().lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert Run(train={"quantize": "bf16"}).lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    for quantize in ("nf4", "int8"):
+        assert Run(train={"quantize": quantize}).lora.target_modules == "all-linear"
+    assert Run(train={"quantize": "nf4"}, lora={"target_modules": ["q_proj"]}).lora.target_modules == ("q_proj",)

@@ -217,6 +217,8 @@ def test_errors():
     params = {"w": jnp.ones((4, 3)), "bias_table": jnp.ones((2, 3))}
     with pytest.raises(ValueError, match="bias_table: targeted, but the function never contracts it"):
         interpret.lora_specs(fn, params, jnp.ones((2, 4)), targets=["w", "bias_table"])
+    with pytest.raises(ValueError, match=r"all-linear.*needs modules that own a `kernel`"):
+        interpret.lora_specs(fn, params, jnp.ones((2, 4)), targets="all-linear")
     config = jlora.LoraConfig(r=1, target_modules=["w"])
     adapted = interpret.init(
         params, interpret.lora_specs(fn, params, jnp.ones((2, 4)), targets=config), config, jax.random.key(0)

@@ -311,3 +311,30 @@ def test_bert_adapter_trained_in_jlora_loads_in_peft_with_equal_outputs(tmp_path
     base_model = transformers.BertForSequenceClassification.from_pretrained(bert_dir)
     theirs = bert_logits(peft.PeftModel.from_pretrained(base_model, out).eval())
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def peft_adapted(model, task_type=None) -> set[str]:
+    """The modules peft's ``target_modules="all-linear"`` gives adapters on `model`."""
+    lora = peft.LoraConfig(r=2, target_modules="all-linear", task_type=task_type)
+    wrapped = peft.get_peft_model(model, lora)
+    names = {n.removesuffix(".lora_A.default.weight") for n, _ in wrapped.named_parameters() if "lora_A" in n}
+    return {re.sub(r"^base_model\.model\.", "", n) for n in names}
+
+
+def jlora_adapted(pretrained, config) -> set[str]:
+    params = jlora.init(pretrained.params, config, jax.random.key(0), specs=pretrained.kernel_specs())
+    return {hf_module_name(keys[:-1]) for keys in jlora.tree.flatten(params) if keys[-1] == "lora_a"}
+
+
+def test_all_linear_adapts_the_modules_peft_does(llama, tmp_path):
+    """peft's shorthand (from QLoRA): every linear layer but the output head; for a sequence
+    classifier also not the classifier, which modules_to_save trains."""
+    pretrained = jlora.models.load(llama, tokenizer=False)
+    theirs = peft_adapted(transformers.AutoModelForCausalLM.from_pretrained(llama))
+    assert len(theirs) == 2 * 7 and not any("lm_head" in n for n in theirs)  # the untied head is left alone
+    assert jlora_adapted(pretrained, jlora.LoraConfig(r=2, target_modules="all-linear")) == theirs
+    bert_dir = tiny_task.hf_bert_classifier(tmp_path / "bert")
+    bert = jlora.models.load(bert_dir, head="classifier", tokenizer=False)
+    config = jlora.LoraConfig(r=2, target_modules="all-linear", modules_to_save=["classifier"])
+    theirs = peft_adapted(transformers.BertForSequenceClassification.from_pretrained(bert_dir), "SEQ_CLS")
+    assert len(theirs) == 2 * 6 + 1 and jlora_adapted(bert, config) == theirs  # the pooler's dense included
