@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-STUDIES = ("methods", "freezing", "ranks", "subspace", "decoder", "qlora", "fair")
+from experiments.__main__ import STUDIES  # what `python -m experiments` runs
 
 
 @pytest.mark.parametrize("study", STUDIES)
