@@ -671,20 +671,21 @@ def label_count(run: Run, table=None) -> int | None:
 
 def compilation_cache() -> pathlib.Path | None:
     """Turn on XLA's persistent compilation cache (unless the user set one, or
-    ``JLORA_CACHE_DIR=off``): in ``$JLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/jlora/xla`` or
-    ``~/.cache/jlora/xla``. A later run of the same shapes (a resume, eval, generate, the
-    same run again) loads its compiled steps instead of compiling them. Returns the folder."""
+    ``JLORA_CACHE_DIR=off``) in ``xla/`` of jlora's cache folder (`jlora.models.cache.root`:
+    ``$JLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/jlora`` or ``~/.cache/jlora``). A later run of
+    the same shapes (a resume, eval, generate, the same run again) loads its compiled steps
+    instead of compiling them. Returns the folder."""
     import jax
+
+    from jlora.models import cache
 
     if jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR, or set in code
         return pathlib.Path(jax.config.jax_compilation_cache_dir)
-    setting = os.environ.get("JLORA_CACHE_DIR", "")
-    if setting == "off":
+    root = cache.root()
+    if root is None:
         return None
-    user_cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
-    folder = pathlib.Path(setting) if setting else user_cache / "jlora" / "xla"
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    return folder
+    jax.config.update("jax_compilation_cache_dir", str(root / "xla"))
+    return root / "xla"
 
 
 @dataclasses.dataclass

@@ -16,6 +16,9 @@ os.environ["XLA_FLAGS"] = " ".join(
 # same tiny models compile once (entries are keyed by program, flags and devices)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jlora-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# the GGUF load cache (jlora.models.cache) of the test processes, never the user's: shared by
+# test sessions like the compilation cache (one entry per GGUF file, so it does not grow)
+os.environ["JLORA_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "jlora-test-load-cache")
 
 import jax
 import jax.numpy as jnp

@@ -77,5 +77,8 @@ def test_compilation_cache_is_on_by_default_in_the_user_cache(monkeypatch, tmp_p
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
         assert compilation_cache() == tmp_path / "jlora" / "xla"
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jlora" / "xla")
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("JLORA_CACHE_DIR", str(tmp_path / "mine"))  # jlora's cache folder, the GGUF cache's too
+        assert compilation_cache() == tmp_path / "mine" / "xla"
     finally:
         jax.config.update("jax_compilation_cache_dir", previous)

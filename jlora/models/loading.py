@@ -131,22 +131,30 @@ def assemble(
     params = {}
     for keys, shape in expected.items():
         if names[keys] is not None:
-            params[keys] = _convert(tensors, names[keys], keys, shape.shape, specs, source).astype(param_dtype)
+            value = _convert(tensors, names[keys], keys, shape.shape, specs, source)
+            params[keys] = value if isinstance(value, np.ndarray) else value.astype(param_dtype)
     if fresh:
         initialised = flatten(nn.meta.unbox(unrolled.init(jax.random.key(0), ids))["params"])
         params.update({k: v.astype(param_dtype) for k, v in initialised.items() if k not in params})
     params = unflatten(params)
-    return stack_layers(params) if model.scan else params
+    params = stack_layers(params) if model.scan else params
+    # numpy tensors (GGUF, the load cache) are laid out and stacked by numpy, then put on the device
+    # and cast: jax's transposes and stacks would compile a program for each shape
+    return jax.tree.map(lambda x: jax.device_put(x).astype(param_dtype) if isinstance(x, np.ndarray) else x, params)
 
 
 def _listing(names: list[str]) -> str:
     return f"tensors {names[:8]}{' …' if len(names) > 8 else ''} ({len(names)} in all)"
 
 
-def _convert(tensors: Tensors, name: str, keys: tuple, shape: tuple[int, ...], specs: dict, source: str) -> jax.Array:
+def _convert(
+    tensors: Tensors, name: str, keys: tuple, shape: tuple[int, ...], specs: dict, source: str
+) -> jax.Array | np.ndarray:
     """Checkpoint tensor `name` in the layout of param `keys`: Linear weights (out, in)
-    become kernels (*in, *out); everything else is reshaped (e.g. a q bias to (heads, head_dim))."""
-    value = jnp.asarray(tensors[name]())
+    become kernels (*in, *out); everything else is reshaped (e.g. a q bias to (heads, head_dim)).
+    A numpy tensor stays one (see `assemble`)."""
+    value = tensors[name]()
+    value = value if isinstance(value, np.ndarray) else jnp.asarray(value)
     size = math.prod(shape)
     if keys[-1] == "kernel":
         n_in = math.prod(shape[: specs[path_str(keys[:-1])].n_in])
@@ -183,8 +191,12 @@ def stack_layers(params: dict) -> dict:
             out[key] = stack_layers(value) if isinstance(value, dict) else value
     for name, layers in numbered.items():
         layers = [value for _, value in sorted(layers, key=lambda item: item[0])]
-        out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        out[name] = jax.tree.map(_stack, *layers)
     return out
+
+
+def _stack(*xs):
+    return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
 
 
 # -- Hugging Face directories ----------------------------------------------------------------
@@ -491,21 +503,50 @@ def gguf_tensors(reader, config: LlamaConfig) -> Tensors:
 
 
 def load_gguf(
-    path: str | pathlib.Path, *, scan: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, tokenizer: bool = True
+    path: str | pathlib.Path,
+    *,
+    scan: bool = False,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    tokenizer: bool = True,
+    cache: bool = True,
 ) -> Pretrained:
-    """A GGUF file -> `Pretrained`, with the tokenizer (and chat template) its metadata holds."""
-    import gguf
+    """A GGUF file -> `Pretrained`, with the tokenizer (and chat template) its metadata holds.
 
+    With `cache` (and unless ``JLORA_CACHE_DIR=off``), what reading the file gives is kept in
+    the load cache (`jlora.models.cache`) and later loads of the unchanged file read that."""
     path = pathlib.Path(path)
     with path.open("rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')")
+    config, tensors, tok = read_gguf(path, tokenizer=tokenizer, cache=cache)
+    model = build_model(config, head=None, scan=scan, dtype=dtype, param_dtype=param_dtype)
+    params = assemble(model, tensors, param_dtype=param_dtype, source=str(path))
+    return Pretrained(model, params, config, tok, str(path))
+
+
+def read_gguf(path: pathlib.Path, *, tokenizer: bool = True, cache: bool = True) -> tuple[LlamaConfig, Tensors, Any]:
+    """(config, tensors, tokenizer or None) of a GGUF file: from its load cache entry when there
+    is a whole one, else read with gguf-py (`gguf_config`, `gguf_tensors`, `gguf_tokenizer`) and
+    stored in a new entry, whose memory-mapped tensors are then handed on."""
+    from jlora.models import cache as load_cache
+
+    entry = load_cache.entry(path) if cache else None
+    if entry is not None and (cached := load_cache.read(entry, tokenizer=tokenizer)) is not None:
+        return cached
+    import gguf  # only here: a cached load needs no gguf-py
+
     reader = gguf.GGUFReader(str(path))
     config = gguf_config(reader)
-    model = build_model(config, head=None, scan=scan, dtype=dtype, param_dtype=param_dtype)
-    params = assemble(model, gguf_tensors(reader, config), param_dtype=param_dtype, source=str(path))
-    return Pretrained(model, params, config, gguf_tokenizer(reader) if tokenizer else None, str(path))
+    tensors = gguf_tensors(reader, config)
+    tok = gguf_tokenizer(reader) if tokenizer else None
+    if entry is not None and load_cache.entry(path) == entry:  # the file did not change while read
+        arrays = {name: load() for name, load in tensors.items()}
+        if load_cache.write(entry, config, arrays, tok) and (cached := load_cache.read(entry, tokenizer=False)):
+            return config, cached[1], tok
+        tensors = {name: (lambda value=value: value) for name, value in arrays.items()}
+    return config, tensors, tok
 
 
 def gguf_tokenizer(reader):
