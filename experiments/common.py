@@ -58,6 +58,7 @@ class Setup:
     held_out: data.Split
     data: data.DataConfig
     validation: data.Split | None = None
+    generic: data.Split | None = None  # text the model is not tuned on: its loss after training measures forgetting
 
 
 def _first(split: data.Split, rows: int | None) -> data.Split:
@@ -84,6 +85,27 @@ def with_validation(setup: Setup, rows: int) -> Setup:
         train=dataclasses.replace(setup.train, arrays=train),
         validation=dataclasses.replace(setup.train, arrays=validation),
     )
+
+
+def wikitext(tokenizer, rows: int = 128, seq_len: int = 128) -> data.Split:
+    """The first `rows` sequences of `seq_len` tokens of WikiText-2's raw test set (``wikitext-2``
+    preset): generic text, for the loss that tells what a fine-tune forgot."""
+    import gzip
+
+    import datasets
+
+    from jlora.models.presets import locate
+
+    with gzip.open(locate("wikitext-2") / "test.raw.gz", "rt", encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    table = datasets.Dataset.from_dict({"text": lines})
+    return _first(data.encode(table, tokenizer, data.DataConfig(task="text", seq_len=seq_len)), rows)
+
+
+def generic_loss(setup: Setup, params, lora: jlora.LoraConfig, batch_size: int = 32) -> float:
+    """The model's mean next-token loss on `setup.generic` (WikiText-2) with `params`."""
+    task = training.task_for(setup.pretrained, lora, setup.generic)
+    return training.evaluate(training.make_eval_step(task), params, setup.generic, batch_size)["loss"]
 
 
 def trec(rows: int | None = None, seq_len: int = 32) -> Setup:
@@ -158,8 +180,9 @@ def run_key(setup: Setup, method: Method, config: training.TrainConfig) -> str:
     }
     if method.quantize:  # only when set, so that the keys of runs made before these fields stay
         described["method"]["quantize"] = method.quantize
-    if setup.validation is not None:
-        described["rows"].append(len(setup.validation))
+    for extra in (setup.validation, setup.generic):
+        if extra is not None:
+            described["rows"].append(len(extra))
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -238,6 +261,8 @@ def run(
     }
     if setup.validation is not None:
         row |= {"val_accuracy": validation["accuracy"], "val_loss": validation["loss"]}
+    if setup.generic is not None:
+        row["generic_loss"] = generic_loss(setup, params, method.lora)
     if checkpoint_size:
         row["checkpoint_mb"] = checkpoint_bytes(adapters, base, method.lora) / 1e6
     runs.mkdir(parents=True, exist_ok=True)

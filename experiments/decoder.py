@@ -1,73 +1,134 @@
-"""Study 5: the decoder. SmolLM2-135M-Instruct on `jlora train`'s default task (Rotten
-Tomatoes as ``"Review: {text}\\nSentiment:"`` -> ``" positive"`` / ``" negative"``; accuracy
-= the model ranks the right label's first token above the other's): zero-shot against
-LoRA on q,v (r=8, every seed), and the rank sweep on a smaller grid (r = 1, 64: the
-first seed only; alpha 16, scaled by alpha / r).
+"""Study 5: the decoder, on study 7's fair protocol, and what fine-tuning makes it forget.
 
-    python -m experiments.decoder            # ~15 min on a 2-core CPU
+SmolLM2-135M-Instruct on `jlora train`'s default task (Rotten Tomatoes as
+``"Review: {text}\\nSentiment:"`` -> ``" positive"`` / ``" negative"``; accuracy = the model
+ranks the right label's first token above the other's): zero-shot, LoRA on q,v and on every
+linear layer (r=8) and full fine-tuning, each at the learning rate a validation split picks
+(`experiments.fair.sweep`, a smaller start of two rates), then three seeds; the rank sweep
+r = 1, 64 of LoRA q,v at its chosen rate (the first seed). A fixed budget of 200 steps of 8
+(a third of an epoch: a full epoch of every run would take days on this CPU). After every
+run, the loss on WikiText-2 (generic text nobody tunes on) against the pretrained model's:
+"LoRA learns less and forgets less" (Biderman et al. 2024), forgetting against accuracy.
+
+    python -m experiments.decoder            # ~3 h on a 2-core CPU (resumable)
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
 
 import jlora
-from experiments import common, ranks
+from experiments import common, fair
 from jlora import train as training
 
-STEPS, BATCH = 40, 8
-RANKS = (1, 8, 64)
+STEPS, BATCH, VALIDATION = 200, 8, 500
+RANKS = (1, 64)
+QV = ["q_proj", "v_proj"]
+CANDIDATES = (
+    fair.lora_candidate("LoRA q,v r=8", (1e-3, 2e-3), target_modules=QV, head=()),
+    fair.lora_candidate("LoRA all-linear r=8", (5e-4, 1e-3), head=()),
+    fair.Candidate(fair.FULL, lambda lr: common.trained_modules(fair.FULL, "model|lm_head", lr), (2e-5, 5e-5)),
+)
 
 
 def zero_shot(setup: common.Setup, batch_size: int = 64) -> dict:
-    """The pretrained model's held-out accuracy, no training (deterministic: no seed)."""
+    """The pretrained model's held-out accuracy and WikiText-2 loss, no training (no seed)."""
     started = time.perf_counter()
     lora = jlora.LoraConfig(target_modules=["q_proj", "v_proj"])
     task = training.task_for(setup.pretrained, lora, setup.train)
     result = training.evaluate(training.make_eval_step(task), setup.pretrained.params, setup.held_out, batch_size)
-    total = sum(leaf.size for leaf in jax.tree.leaves(setup.pretrained.params))
     return {
         "method": "zero-shot",
         "r": 0,
         "seed": 0,
         "accuracy": result["accuracy"],
         "loss": result["loss"],
+        "generic_loss": common.generic_loss(setup, setup.pretrained.params, lora),
         "trainable": 0,
         "trainable_percent": 0.0,
         "train_s": time.perf_counter() - started,
-        "total_parameters": total,
+        "total_parameters": sum(leaf.size for leaf in jax.tree.leaves(setup.pretrained.params)),
     }
 
 
-def rank_method(r: int) -> common.Method:
-    return common.lora_method(f"LoRA q,v r={r}", target_modules=["q_proj", "v_proj"], r=r, alpha=16.0, head=())
+def forgetting_plot(rows: list[dict], before: float, path) -> None:
+    """Held-out accuracy against the WikiText-2 loss increase, one point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, group in common.grouped(rows).items():
+        x = [r["generic_loss"] - before for r in group]
+        ax.scatter(x, [100 * r["accuracy"] for r in group], label=name, s=25)
+    ax.axvline(0.0, color="gray", lw=0.8)
+    ax.set_xlabel("forgetting: WikiText-2 loss after − before (nats per token)")
+    ax.set_ylabel("held-out accuracy %")
+    ax.set_title("SmolLM2-135M-Instruct on Rotten Tomatoes: learning vs forgetting", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = common.parser(__doc__, STEPS, BATCH).parse_args(argv)
     scale = common.scale_of(args)
     started = time.perf_counter()
-    setup = common.decoder(scale.rows)
-    methods = [rank_method(r) for r in RANKS]
-    rows = [zero_shot(setup)] + [
-        common.run(setup, method, seed, scale.steps, scale.batch_size, args.out / "runs") | {"r": r}
-        for r, method in zip(RANKS, methods, strict=True)
-        for seed in (scale.seeds if r == 8 else scale.seeds[:1])  # the other ranks: the first seed only
-    ]
-    config = common.study_config(setup, scale, methods)
-    common.write_csv(args.out / "decoder.csv", rows, config)
-    table = common.summary_table(
-        rows,
-        common.accuracy_columns(loss=True)
-        | {
-            "step s (median)": common.median("step_s", "{:.2f}"),
+    setup = common.with_validation(common.decoder(scale.rows), VALIDATION if not args.smoke else 16)
+    setup.generic = common.wikitext(setup.pretrained.tokenizer, rows=128 if not args.smoke else 4)
+    train = functools.partial(fair.trained, "rotten-tomatoes", setup, scale.steps, scale.batch_size, args.out / "runs")
+    baseline = zero_shot(setup)
+    rows, final, tried = [], [], {}
+    for candidate in CANDIDATES if not args.smoke else CANDIDATES[:1]:
+        if args.smoke:
+            candidate = fair.Candidate(candidate.name, candidate.at, candidate.start[:1])
+        swept = fair.sweep(candidate, train, extend=not args.smoke)
+        best = fair.best_rate(swept)
+        tried[candidate.name] = sorted(swept)
+        rows += [r | {"stage": "sweep"} for r in swept.values()]
+        final += [swept[best]] + [train(candidate.at(best), s) for s in scale.seeds if s != 0]
+        if candidate.name == "LoRA q,v r=8":
+            for r in RANKS if not args.smoke else ():
+                name = f"LoRA q,v r={r}"
+                method = common.lora_method(name, best, head=(), target_modules=QV, r=r, alpha=16.0)
+                final.append(train(method, scale.seeds[0]))
+    final = [r | {"stage": "final", "forgetting": r["generic_loss"] - baseline["generic_loss"]} for r in final]
+    config = {
+        "model": common.DECODER,
+        "data": {
+            "train_rows": len(setup.train),
+            "validation_rows": len(setup.validation),
+            "test_rows": len(setup.held_out),
         },
-    )
-    title = "Study 5: SmolLM2-135M-Instruct on Rotten Tomatoes, zero-shot vs LoRA"
-    common.write_markdown(args.out / "decoder.md", title, table, config, time.perf_counter() - started)
-    ranks.rank_plot({"SmolLM2-135M-Instruct, LoRA": rows[1:]}, args.out / "decoder.png", baseline=rows[0])
+        "generic_text": {"source": "WikiText-2 raw test set", "rows": len(setup.generic), "seq_len": 128},
+        "steps": scale.steps,
+        "batch_size": scale.batch_size,
+        "seeds": list(scale.seeds),
+        "learning_rates_tried": tried,
+        "selection": "best validation accuracy of seed 0 (ties: lower validation loss), best rate inside the grid",
+    }
+    swept_runs = {r["run"] for r in rows}
+    extra = [r for r in final if r["run"] not in swept_runs]  # seeds 1, 2 and the ranks
+    everything = [baseline | {"stage": "zero-shot", "forgetting": 0.0}, *rows, *extra]
+    common.write_csv(args.out / "decoder.csv", everything, config)
+    columns = {
+        "learning rate": common.first("learning_rate", "{:g}"),
+        "held-out accuracy %": common.pm("accuracy", 100),
+        "WikiText-2 loss": common.pm("generic_loss", 1, 3),
+        "forgetting (Δ loss)": common.pm("forgetting", 1, 3),
+        "trainable %": common.first("trainable_percent", "{:.3f}"),
+    }
+    table = common.summary_table([baseline | {"forgetting": 0.0, "learning_rate": 0.0}, *final], columns)
+    compute = sum(r["train_s"] for r in rows + extra) / 3600
+    notes = f"Training time of every run of the study, summed: {compute:.1f} h on this machine."
+    title = "Study 5: SmolLM2-135M-Instruct on Rotten Tomatoes: LoRA, full fine-tuning and forgetting"
+    common.write_markdown(args.out / "decoder.md", title, table, config, time.perf_counter() - started, notes)
+    forgetting_plot(final, baseline["generic_loss"], args.out / "decoder.png")
     print(table)
 
 

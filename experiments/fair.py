@@ -45,10 +45,10 @@ class Candidate:
     start: tuple[float, ...]
 
 
-def _lora(name: str, start: tuple[float, ...], **changes) -> Candidate:
-    """LoRA r=8 (alpha 16) with the classifier trained fully, on `target_modules` (default
-    every linear layer); `changes` replace Method fields (quantize, loraplus_ratio)."""
-    lora = {k: changes.pop(k) for k in ("target_modules", "use_dora") if k in changes}
+def lora_candidate(name: str, start: tuple[float, ...], **changes) -> Candidate:
+    """LoRA r=8 (alpha 16) on `target_modules` (default every linear layer), `head` trained
+    fully (default the classifier); `use_dora`, and Method fields (quantize, loraplus_ratio)."""
+    lora = {k: changes.pop(k) for k in ("target_modules", "use_dora", "head") if k in changes}
     lora.setdefault("target_modules", "all-linear")
     return Candidate(name, lambda lr: dataclasses.replace(common.lora_method(name, lr, **lora), **changes), start)
 
@@ -56,11 +56,11 @@ def _lora(name: str, start: tuple[float, ...], **changes) -> Candidate:
 CANDIDATES = (
     Candidate("head only", lambda lr: common.trained_modules("head only", ["classifier"], lr), (1e-3, 5e-3, 2e-2)),
     Candidate(FULL, lambda lr: common.trained_modules(FULL, "bert|classifier", lr), (2e-5, 5e-5, 1e-4)),
-    _lora("LoRA q,v", (5e-4, 1e-3, 2e-3), target_modules=["query", "value"]),
-    _lora("LoRA all-linear", (5e-4, 1e-3, 2e-3)),
-    _lora("LoRA+ all-linear (ratio 16)", (1e-4, 2e-4, 5e-4), loraplus_ratio=16.0),
-    _lora("DoRA all-linear", (5e-4, 1e-3, 2e-3), use_dora=True),
-    _lora("QLoRA all-linear (NF4 base)", (5e-4, 1e-3, 2e-3), quantize="nf4"),
+    lora_candidate("LoRA q,v", (5e-4, 1e-3, 2e-3), target_modules=["query", "value"]),
+    lora_candidate("LoRA all-linear", (5e-4, 1e-3, 2e-3)),
+    lora_candidate("LoRA+ all-linear (ratio 16)", (1e-4, 2e-4, 5e-4), loraplus_ratio=16.0),
+    lora_candidate("DoRA all-linear", (5e-4, 1e-3, 2e-3), use_dora=True),
+    lora_candidate("QLoRA all-linear (NF4 base)", (5e-4, 1e-3, 2e-3), quantize="nf4"),
 )
 
 
