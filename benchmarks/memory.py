@@ -4,8 +4,8 @@ Nothing is allocated: parameter shapes come from `jax.eval_shape` of jlora's Lla
 (scanned layers) with the real configurations (a quantized base, QLoRA, by `jax.eval_shape`
 of `jlora.quantize` too), their shardings from `jlora.sharding`'s rules, and activations
 from the residuals that the LoRA step saves for its backward pass (`jax.ad_checkpoint` on an
-abstract trace of the real loss), for one device's share of the batch. Writes
-`benchmarks/results/memory.md`.
+abstract trace of the real loss), for one device's share of the batch. Writes the top of
+`benchmarks/results/memory.md` (the sections after it, `benchmarks.step_memory`'s, are kept).
 
 python benchmarks/memory.py [--mesh fsdp=8 --mesh fsdp=16] [--quantize bf16 --quantize nf4]
                             [--local-batch 1] [--seq 2048]
@@ -141,7 +141,10 @@ def main() -> None:
         "(blocks along the sharded axis, `jlora.quantize.partition_specs`). fsdp=8 is one 8×H100 host; fsdp=16 "
         "a v5e-16 slice (16 GiB of HBM a chip).",
     ]
-    pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
+    out = pathlib.Path(args.out)
+    # the sections after this table (from "## …" on: `benchmarks.step_memory`'s) are kept
+    kept = out.read_text().partition("\n## ") if out.exists() else ("", "", "")
+    out.write_text("\n".join(lines) + "\n" + (f"\n## {kept[2]}" if kept[1] else ""))
     print("\n".join(lines))
 
 
