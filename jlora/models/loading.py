@@ -140,7 +140,7 @@ def assemble(
     params = stack_layers(params) if model.scan else params
     # numpy tensors (GGUF, the load cache) are laid out and stacked by numpy, then put on the device
     # and cast: jax's transposes and stacks would compile a program for each shape
-    return jax.tree.map(lambda x: jax.device_put(x).astype(param_dtype) if isinstance(x, np.ndarray) else x, params)
+    return jax.tree.map(lambda x: jax.device_put(x).astype(param_dtype), params)
 
 
 def _listing(names: list[str]) -> str:
@@ -196,7 +196,9 @@ def stack_layers(params: dict) -> dict:
 
 
 def _stack(*xs):
-    return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+    """The layers' leaves stacked on the device; numpy ones by numpy, each stack put on the
+    device at once, so that one stacked copy at a time lives in host memory."""
+    return jax.device_put(np.stack(xs)) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
 
 
 # -- Hugging Face directories ----------------------------------------------------------------
