@@ -108,26 +108,32 @@ def generic_loss(setup: Setup, params, lora: jlora.LoraConfig, batch_size: int =
     return training.evaluate(training.make_eval_step(task), params, setup.generic, batch_size)["loss"]
 
 
-def trec(rows: int | None = None, seq_len: int = 32) -> Setup:
-    """all-MiniLM-L6-v2 with a fresh 6-way classifier on TREC-6 question types (``trec-6``
-    preset: its first 5,452 questions train, the last 500 are the standard test set; 32
-    tokens hold 99.9% of them whole)."""
+TREC_CLASSES = ("description", "entity", "abbreviation", "human", "number", "location")  # label-coarse 0-5
+
+
+def trec(rows: int | None = None, seq_len: int = 32, causal: bool = False) -> Setup:
+    """TREC-6 question types (``trec-6`` preset: its first 5,452 questions train, the last
+    500 are the standard test set): all-MiniLM-L6-v2 with a fresh 6-way classifier (32 tokens
+    hold 99.9% of the questions whole), or with `causal` SmolLM2-135M-Instruct answering
+    ``"Question: {text}\nType:"`` with the class's name (48 tokens)."""
     from jlora.models.presets import locate
 
     config = data.DataConfig(
         files=(str(locate("trec-6")),),
-        task="classification",
-        text_column="text",
-        label_column="label-coarse",
-        seq_len=seq_len,
+        task="completion" if causal else "classification",
+        prompt="Question: {text}\nType:",
+        seq_len=48 if causal else seq_len,
     )
-    pretrained = jlora.models.load(ENCODER, head="classifier", num_labels=6, scan=False)
-    table = data.read(config)
+    if causal:
+        pretrained = jlora.models.load(DECODER, scan=True)
+    else:
+        pretrained = jlora.models.load(ENCODER, head="classifier", num_labels=len(TREC_CLASSES), scan=False)
+    table = data.read(config).map(lambda row: {"label": TREC_CLASSES[int(row["label-coarse"])]})
     data.check_columns(table, config)
     train, test = (data.encode(table.select(r), pretrained.tokenizer, config) for r in (range(5452), range(5452, 5952)))
     if train.labels != test.labels:
         raise ValueError(f"TREC splits hold different classes: {train.labels} vs {test.labels}")
-    return Setup(ENCODER, pretrained, _first(train, rows), _first(test, rows), config)
+    return Setup(DECODER if causal else ENCODER, pretrained, _first(train, rows), _first(test, rows), config)
 
 
 def decoder(rows: int | None = None, seq_len: int = 64, eval_size: int = 1000) -> Setup:
