@@ -10,6 +10,7 @@ compiles once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -146,7 +147,7 @@ def lm_head_of(model: nn.Module, params, lora: jlora.LoraConfig) -> tuple[Callab
     `jlora.interpret` and the final soft-cap), for `chunked_cross_entropy`. None where the
     head's adapters need the interceptor (DoRA, LoRA dropout on the head)."""
     from jlora import interpret
-    from jlora.models.layers import tanh_cap
+    from jlora.models.layers import f32_dot, tanh_cap
 
     config, dtype = model.config, model.dtype
     if config.tie_word_embeddings:
@@ -163,8 +164,10 @@ def lm_head_of(model: nn.Module, params, lora: jlora.LoraConfig) -> tuple[Callab
         w = quantize.weight(p[name[0]][name[1]], dtype)  # a quantized one dequantized, per chunk
         contract = 1 if config.tie_word_embeddings else 0  # (vocab, embed) or (embed, vocab)
         dims = (((hidden.ndim - 1,), (contract,)), ((), ()))
-        logits = jax.lax.dot_general(hidden, w, dims, preferred_element_type=jnp.float32)
-        return tanh_cap(logits, config.final_logit_softcapping)
+        # bf16: the logits' gradient meets the head in bf16, as in the model (`f32_dot`); `interpret`
+        # reads an adapted head's contraction from a plain dot_general
+        dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32) if adapted else f32_dot
+        return tanh_cap(dot(hidden, w, dims), config.final_logit_softcapping)
 
     return (interpret.lora(head, lora) if adapted else head), head_params
 

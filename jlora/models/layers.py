@@ -4,6 +4,7 @@ that are unrolled or `nn.scan`-ned."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,11 +16,92 @@ from jax import lax
 Dtype = Any
 
 
+NARROW = (jnp.bfloat16, jnp.float16)  # the compute dtypes whose products accumulate in float32
+
+
 def f32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """`lax.dot_general` accumulating in float32 and returning the inputs' dtype: with
-    bfloat16 inputs this is what makes bf16 matmuls fast (and accurate) on CPU."""
+    bfloat16 inputs this is what makes bf16 matmuls fast (and accurate) on CPU, and what
+    tensor cores and the MXU do anyway. With bf16 inputs its backward pass (`narrow_dot`)
+    computes the input's gradient the same way, bf16 x bf16 -> f32; float32 inputs take
+    `lax.dot_general` and jax's autodiff unchanged."""
+    dtype = jnp.result_type(lhs, rhs)
+    if lhs.dtype == rhs.dtype and dtype in NARROW:
+        return narrow_dot(lhs, rhs, _hashable(dimension_numbers), precision, dtype)
     out = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
-    return out.astype(jnp.result_type(lhs, rhs))
+    return out.astype(dtype)
+
+
+def f32_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> jax.Array:
+    """`lax.dot_general` accumulated in and returned as float32 (a vocabulary projection's
+    logits); with bf16 inputs the backward pass contracts the cotangent rounded to bf16 for
+    lhs's gradient (`narrow_dot`), as torch's bf16 autocast does with its bf16 logits."""
+    if lhs.dtype == rhs.dtype and lhs.dtype in NARROW:
+        return narrow_dot(lhs, rhs, _hashable(dimension_numbers), None, jnp.dtype(jnp.float32))
+    return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
+
+
+def _hashable(dimension_numbers) -> tuple:
+    return tuple(tuple(tuple(int(d) for d in dims) for dims in pair) for pair in dimension_numbers)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def narrow_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision, out_dtype) -> jax.Array:
+    """``dot_general(lhs, rhs)`` of two bf16 (or f16) operands accumulated in float32, cast to
+    `out_dtype`.
+
+    Its own backward pass, because autodiff's transposes contract the float32 cotangent of
+    the float32 accumulator with a bf16 operand: XLA:CPU converts that operand to f32 and
+    runs an f32 GEMM (a fifth of the bf16 one's speed here), and on GPU the mixed dot is
+    no tensor-core GEMM either. Here lhs's gradient (the activations' gradient, the one a
+    LoRA step needs) contracts the cotangent cast to the operands' dtype with rhs, bf16 x
+    bf16 -> f32, cast to lhs's dtype: what torch's bf16 autocast computes (its bf16 outputs'
+    gradients are bf16). rhs's gradient (a kernel's, in full fine-tuning) stays a float32
+    contraction as autodiff computes it: it contracts over the tokens, a form XLA:CPU 0.10's
+    bf16 dots do not all take (some fail at run time with "Unsupported element type for
+    DotThunk::Execute: BF16 x BF16 = F32"); so does lhs's when its axes need transposing."""
+    return _narrow_dot_fwd(lhs, rhs, dimension_numbers, precision, out_dtype)[0]
+
+
+def _narrow_dot_fwd(lhs, rhs, dimension_numbers, precision, out_dtype):
+    out = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
+    return out.astype(out_dtype), (lhs, rhs)
+
+
+def _narrow_dot_bwd(dimension_numbers, precision, out_dtype, residuals, g):
+    lhs, rhs = residuals
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    swapped = ((rhs_contract, lhs_contract), (rhs_batch, lhs_batch))
+    return (
+        _transpose_dot(g, lhs, rhs, dimension_numbers, precision, narrow=True),
+        _transpose_dot(g, rhs, lhs, swapped, precision, swap_ans=True),
+    )
+
+
+narrow_dot.defvjp(_narrow_dot_fwd, _narrow_dot_bwd)
+
+
+def _transpose_dot(g, x, y, dimension_numbers, precision, swap_ans=False, narrow=False) -> jax.Array:
+    """x's gradient of ``dot_general(x, y)`` (``dot_general(y, x)`` with `swap_ans`) from its
+    cotangent `g`, accumulated in float32, cast to x's dtype: jax's own transpose rule
+    (``_dot_general_transpose_lhs``). With `narrow`, and where the product comes out in x's
+    axis order (no transpose for XLA to fold into the dot), g is cast to y's dtype and
+    contracted with y as it is (bf16 x bf16 -> f32); otherwise both in float32."""
+    (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
+    x_kept = [i for i in range(x.ndim) if i not in x_contract and i not in x_batch]
+    y_kept = [i for i in range(y.ndim) if i not in y_contract and i not in y_batch]
+    n_batch = len(x_batch)
+    start = n_batch if swap_ans else n_batch + len(x_kept)  # where g holds y's kept axes
+    dims = ((tuple(range(start, start + len(y_kept))), tuple(y_kept)), (tuple(range(n_batch)), tuple(y_batch)))
+    x_contract_by_y = [x_contract[i] for i in sorted(range(len(y_contract)), key=lambda i: y_contract[i])]
+    unsorted = [*x_batch, *x_kept, *x_contract_by_y]
+    order = tuple(unsorted.index(i) for i in range(x.ndim))
+    if narrow and order == tuple(range(x.ndim)) and not swap_ans:
+        g = g.astype(y.dtype)
+    else:
+        g, y = g.astype(jnp.float32), y.astype(jnp.float32)
+    out = lax.dot_general(g, y, dims, precision=precision, preferred_element_type=jnp.float32)
+    return lax.transpose(out, order).astype(x.dtype)
 
 
 def dense(

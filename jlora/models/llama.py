@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.models.layers import KVCache, RMSNorm, attention, causal_mask, dense, run_layers, tanh_cap
+from jlora.models.layers import KVCache, RMSNorm, attention, causal_mask, dense, f32_dot, run_layers, tanh_cap
 from jlora.quantize import weight
 
 Dtype = Any
@@ -491,7 +491,7 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             embedding = weight(nn.meta.unbox(model.variables["params"]["embed_tokens"]["embedding"]), self.dtype)
             dims = (((hidden.ndim - 1,), (1,)), ((), ()))
-            logits = jax.lax.dot_general(hidden, embedding, dims, preferred_element_type=jnp.float32)
+            logits = f32_dot(hidden, embedding, dims)
         else:
             lm_head = dense(
                 self.config.vocab_size,
