@@ -51,6 +51,7 @@ import time
 from collections.abc import Callable
 
 from benchmarks.common import BATCH, RANK, SEQ, TARGETS, commit, machine, ratio
+from benchmarks.peers import smollm2_config
 
 M, K, N = BATCH * SEQ, 576, 1536  # tokens x embed -> the MLP's width
 CPUS = len(os.sched_getaffinity(0))  # `taskset -c 0 python -m benchmarks.bf16`: one CPU for both sides
@@ -204,23 +205,6 @@ def dense_layers(rounds: int, kernel_gradient: bool) -> tuple[dict, dict]:
 
 
 # -- the small Llama ------------------------------------------------------------------------------
-
-
-def small_config(layers: int):
-    from jlora.models.llama import LlamaConfig
-
-    return LlamaConfig(  # SmolLM2-135M's widths and vocabulary (its `from_hf` config), fewer layers
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_layers=layers,
-        num_heads=9,
-        num_kv_heads=3,
-        head_dim=64,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    )
 
 
 def jlora_step(config, dtype: str, scan: bool = True, remat: bool = False):
@@ -571,7 +555,7 @@ def small_steps(layers: int, rounds: int, profile: bool, compare: bool, layouts:
     `layouts`, jlora's bf16 step with `remat` and unrolled too."""
     import torch
 
-    config = small_config(layers)
+    config = smollm2_config(layers)  # SmolLM2-135M's widths and vocabulary, fewer layers
     steps = {"after": jlora_step(config, "bfloat16")}
     if compare:
         with autodiff_dots():
